@@ -1,0 +1,27 @@
+# Every target creates (or reuses) the virtual environment in .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.d2kd-installed
+
+.PHONY: venv demo test bench clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt setup.py tools/install_detectron2.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23"
+	$(PY) -m pip install --quiet -r requirements.txt
+	bash tools/install_detectron2.sh $(PY)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# The main job on built-in data: teacher, student alone, distilled student, one table.
+demo: venv
+	$(PY) tools/demo.py
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean-demo:
+	rm -rf output/demo

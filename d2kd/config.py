@@ -1,0 +1,85 @@
+"""The ``cfg.DISTILL`` node: teacher, enabled heads, per-head weights, schedule, prototypes."""
+from detectron2.config import CfgNode as CN
+
+
+def add_distill_config(cfg):
+    """Add the ``DISTILL`` node (and nothing else) to a detectron2 config, in place.
+
+    Call it on ``get_cfg()`` before ``merge_from_file``; every key has a default, so a config
+    that names no distillation keys still loads.
+    """
+    _C = cfg
+    _C.DISTILL = CN()
+
+    _C.DISTILL.TEACHER = CN()
+    # The teacher's own detectron2 config: a local yaml, or a model-zoo name such as
+    # "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml".
+    _C.DISTILL.TEACHER.CONFIG_FILE = ""
+    # The teacher's trained weights: a path, a URL, or a detectron2:// URI. Required.
+    _C.DISTILL.TEACHER.WEIGHTS = ""
+    # Overrides applied to the teacher's config after loading it, as KEY VALUE pairs.
+    _C.DISTILL.TEACHER.OPTS = []
+
+    # Names of registered distillation heads to enable (any number; see DISTILL_HEAD_REGISTRY).
+    _C.DISTILL.HEADS = []
+
+    _C.DISTILL.SCHEDULE = CN()
+    # Iterations of plain student training before any distillation loss is applied.
+    _C.DISTILL.SCHEDULE.START_ITER = 0
+    # Multiply the decaying terms of every head that enables DECAY by (1 - iter / MAX_ITER).
+    _C.DISTILL.SCHEDULE.LINEAR_DECAY = False
+
+    # FitNet: lambda * mean((A(F_s) - F_t)^2) over whole FPN maps (METHODS.md section 5).
+    _C.DISTILL.FITNET = CN()
+    _C.DISTILL.FITNET.WEIGHT = 1.0
+    # Strides to distil; empty means every stride that student and teacher both have.
+    _C.DISTILL.FITNET.STRIDES = []
+    # Adapter on the student side: "auto" (only when channels differ) or "always".
+    _C.DISTILL.FITNET.ADAPTER = "auto"
+    _C.DISTILL.FITNET.ADAPTER_KERNEL = 1
+    _C.DISTILL.FITNET.ADAPTER_RELU = False
+    # Weight the cells covered by each GT box by its GK robust weight (GK paper, Table 4).
+    _C.DISTILL.FITNET.ROBUST_WEIGHTS = False
+    # Follow DISTILL.SCHEDULE.LINEAR_DECAY.
+    _C.DISTILL.FITNET.DECAY = True
+
+    # Vanilla KD on class logits: RoI logits on shared proposals (R-CNN) or positive anchors'
+    # class logits (RetinaNet).
+    _C.DISTILL.KD = CN()
+    _C.DISTILL.KD.WEIGHT = 1.0
+    _C.DISTILL.KD.TEMPERATURE = 2.0
+    # Weight positive RoIs / anchors by the robust weight of their matched GT (GK Table 4).
+    _C.DISTILL.KD.ROBUST_WEIGHTS = False
+    _C.DISTILL.KD.DECAY = False
+
+    # Prototype generation (GK's PGM, METHODS.md section 1.2-1.3); used by the GK head and by
+    # any head with ROBUST_WEIGHTS on.
+    _C.DISTILL.PROTOTYPES = CN()
+    # K, prototypes per class and level.
+    _C.DISTILL.PROTOTYPES.NUM = 10
+    # Weight of the teacher-student consistency term in matching pursuit.
+    _C.DISTILL.PROTOTYPES.ALPHA = 10.0
+    # Iteration of the first build, and rebuild period in iterations (0: never rebuild).
+    _C.DISTILL.PROTOTYPES.START_ITER = 0
+    _C.DISTILL.PROTOTYPES.PERIOD = 0
+    # Training images sampled per build, and the smallest box side (px) that is kept.
+    _C.DISTILL.PROTOTYPES.MAX_IMAGES = 800
+    _C.DISTILL.PROTOTYPES.MIN_SIZE = 30
+    # Strides whose prototypes are built; empty means every stride both models have.
+    _C.DISTILL.PROTOTYPES.STRIDES = []
+
+    # Global Knowledge distillation (GK's RDM, METHODS.md section 1.4-1.5).
+    _C.DISTILL.GK = CN()
+    # Paper weights (global, local feature, local response) = (1, 1, 5).
+    _C.DISTILL.GK.GLOBAL_WEIGHT = 1.0
+    _C.DISTILL.GK.FEATURE_WEIGHT = 1.0
+    _C.DISTILL.GK.RESPONSE_WEIGHT = 5.0
+    # Relative weights of the foreground and background parts of the local feature loss.
+    _C.DISTILL.GK.FG_WEIGHT = 1.0
+    _C.DISTILL.GK.BG_WEIGHT = 4.0
+    _C.DISTILL.GK.TEMPERATURE = 2.0
+    _C.DISTILL.GK.STRIDES = []
+    _C.DISTILL.GK.ADAPTER_KERNEL = 1
+    # Follow DISTILL.SCHEDULE.LINEAR_DECAY (the reference decays global and feature terms only).
+    _C.DISTILL.GK.DECAY = True
+    return cfg

@@ -1,0 +1,5 @@
+from .context import DistillContext
+from .distill_rcnn import DistillRCNN
+from .distill_retinanet import DistillRetinaNet
+
+__all__ = ["DistillContext", "DistillRCNN", "DistillRetinaNet"]

@@ -1,0 +1,106 @@
+"""DistillRCNN: a GeneralizedRCNN student that learns from a frozen teacher."""
+from typing import Dict, List
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.modeling.roi_heads import StandardROIHeads
+from detectron2.structures import Instances
+from detectron2.utils.events import get_event_storage
+
+from .distill_mixin import DistillMixin, DistillSetup, build_distill_setup, by_stride
+
+
+@META_ARCH_REGISTRY.register()
+class DistillRCNN(DistillMixin, GeneralizedRCNN):
+    """Faster / Mask R-CNN student + frozen teacher + distillation heads.
+
+    At inference it is the student alone: ``forward`` in eval mode is GeneralizedRCNN's.
+    In training it runs the student exactly as GeneralizedRCNN does, and additionally exposes
+    to every head the FPN features of both models, the student's sampled RoIs and both
+    models' box-head outputs on those same RoIs (see :class:`DistillContext`).
+    """
+
+    student_kind = "rcnn"
+
+    @configurable
+    def __init__(self, *, distill: DistillSetup, **kwargs):
+        super().__init__(**kwargs)
+        if type(self.roi_heads) is not StandardROIHeads or self.roi_heads.train_on_pred_boxes:
+            # The training step below re-runs StandardROIHeads' box branch to keep its outputs;
+            # cascades and predicted-box training would need their own path.
+            raise NotImplementedError(
+                f"DistillRCNN supports MODEL.ROI_HEADS.NAME 'StandardROIHeads' without "
+                f"TRAIN_ON_PRED_BOXES as the student; got {type(self.roi_heads).__name__}"
+            )
+        self._init_distill(distill)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["distill"] = build_distill_setup(cfg, ret["backbone"])
+        return ret
+
+    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        if not self.training:
+            return self.inference(batched_inputs)
+        if "instances" not in batched_inputs[0]:
+            raise ValueError("DistillRCNN needs 'instances' (GT annotations) in training")
+
+        images = self.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        features = self.backbone(images.tensor)
+        proposals, losses = self.proposal_generator(images, features, gt_instances)
+
+        # StandardROIHeads.forward(training), unrolled to keep the sampled RoIs and predictions.
+        roi_heads = self.roi_heads
+        sampled = roi_heads.label_and_sample_proposals(proposals, gt_instances)
+        box_features = roi_heads.box_pooler(
+            [features[f] for f in roi_heads.box_in_features], [p.proposal_boxes for p in sampled]
+        )
+        scores, deltas = roi_heads.box_predictor(roi_heads.box_head(box_features))
+        del box_features
+        losses.update(roi_heads.box_predictor.losses((scores, deltas), sampled))
+        losses.update(roi_heads._forward_mask(features, sampled))
+        losses.update(roi_heads._forward_keypoint(features, sampled))
+        if self.vis_period > 0 and get_event_storage().iter % self.vis_period == 0:
+            self.visualize_training(batched_inputs, proposals)
+
+        if not self.distillation_active(get_event_storage().iter):
+            losses.update(self.idle_distill_losses())
+            return losses
+
+        teacher_features = self.teacher_backbone(batched_inputs)
+        ctx = self.make_context(
+            student_features=by_stride(self.backbone, features),
+            teacher_features=by_stride(self.teacher.backbone, teacher_features),
+            gt_instances=gt_instances,
+            image_sizes=images.image_sizes,
+            num_classes=roi_heads.num_classes,
+            proposals=_with_gt_index(sampled, gt_instances, roi_heads.num_classes),
+            student_roi_logits=scores,
+            student_roi_deltas=deltas,
+        )
+        if "roi" in self._teacher_needs:
+            ctx.teacher_roi_logits, ctx.teacher_roi_deltas = self.teacher_roi_outputs(
+                teacher_features, sampled
+            )
+        losses.update(self.distill_losses(ctx))
+        return losses
+
+
+@torch.no_grad()
+def _with_gt_index(proposals: List[Instances], gt_instances: List[Instances], num_classes: int):
+    """Add ``gt_index`` (index of the matched GT in its image, -1 for background) to each RoI.
+
+    ``label_and_sample_proposals`` copies the matched GT's fields but not its index; a
+    foreground RoI's ``gt_boxes`` is an exact copy of its GT's box, so equality recovers it.
+    """
+    for props, gts in zip(proposals, gt_instances):
+        index = torch.full((len(props),), -1, dtype=torch.long, device=props.gt_classes.device)
+        fg = props.gt_classes != num_classes
+        if len(gts) > 0 and fg.any():
+            same = (props.gt_boxes.tensor[fg, None, :] == gts.gt_boxes.tensor[None, :, :]).all(-1)
+            index[fg] = same.float().argmax(dim=1)
+        props.gt_index = index
+    return proposals

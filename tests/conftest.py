@@ -1,0 +1,115 @@
+"""Tiny CPU models and batches shared by the tests."""
+import os
+
+import pytest
+import torch
+
+import d2kd  # noqa: F401
+from d2kd import add_distill_config
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+torch.set_num_threads(1)
+
+
+def detector_cfg(arch: str = "rcnn", fpn_channels: int = 16, num_classes: int = 3, depth: int = 18):
+    """A tiny plain detectron2 config (Faster R-CNN FPN or RetinaNet) for 64-96 px CPU tests."""
+    cfg = get_cfg()
+    add_distill_config(cfg)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 16
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = fpn_channels
+    cfg.INPUT.MIN_SIZE_TRAIN = (64,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 96
+    cfg.INPUT.MIN_SIZE_TEST = 64
+    cfg.INPUT.MAX_SIZE_TEST = 96
+    if arch == "rcnn":
+        cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+        cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+        cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
+        cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
+        cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+        cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 200
+        cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 50
+        cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 200
+        cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
+        cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 32
+        cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+        cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+        cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+        cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 32
+        cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+        cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+        cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 32
+        cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+    else:
+        cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+        cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
+        cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+        cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
+        cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[x, x * 2 ** (1.0 / 3), x * 2 ** (2.0 / 3)] for x in [16, 32, 64, 128, 256]]
+        cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
+        cfg.MODEL.RETINANET.NUM_CONVS = 1
+    return cfg
+
+
+def save_plain_model(cfg, path, seed: int = 0):
+    """Build the plain detector ``cfg`` describes with random weights and save it as ``path``."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    torch.save({"model": model.state_dict()}, path)
+    return model
+
+
+def write_yaml(cfg, path):
+    with open(path, "w") as f:
+        f.write(cfg.dump())
+    return str(path)
+
+
+def distill_cfg(tmp_path, student_arch="rcnn", teacher_arch="rcnn", heads=("fitnet",),
+                student_channels=16, teacher_channels=32, teacher_classes=3):
+    """A Distill* config with a freshly saved random teacher under ``tmp_path``."""
+    teacher = detector_cfg(teacher_arch, teacher_channels, num_classes=teacher_classes)
+    t_yaml = write_yaml(teacher, tmp_path / f"teacher_{teacher_arch}.yaml")
+    t_weights = str(tmp_path / f"teacher_{teacher_arch}.pth")
+    if not os.path.exists(t_weights):
+        save_plain_model(teacher, t_weights, seed=1)
+    cfg = detector_cfg(student_arch, student_channels)
+    cfg.MODEL.META_ARCHITECTURE = "DistillRCNN" if student_arch == "rcnn" else "DistillRetinaNet"
+    cfg.DISTILL.TEACHER.CONFIG_FILE = t_yaml
+    cfg.DISTILL.TEACHER.WEIGHTS = t_weights
+    cfg.DISTILL.HEADS = list(heads)
+    cfg.SOLVER.MAX_ITER = 10
+    return cfg
+
+
+def random_batch(num_images=2, size=(64, 80), num_classes=3, empty_last=False, seed=0):
+    """Raw detectron2 inputs: uint8-range float images in (C, H, W) and GT instances."""
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for i in range(num_images):
+        h, w = size
+        img = torch.rand(3, h, w, generator=g) * 255
+        n = 0 if (empty_last and i == num_images - 1) else 3
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+        wh = 8 + torch.rand(n, 2, generator=g) * torch.tensor([w * 0.35, h * 0.35])
+        inst = Instances((h, w))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
+        inst.gt_classes = torch.randint(0, num_classes, (n,), generator=g)
+        batch.append({"image": img, "instances": inst, "height": h, "width": w})
+    return batch
+
+
+@pytest.fixture
+def storage():
+    with EventStorage(0) as s:
+        yield s
