@@ -76,14 +76,16 @@ def write_yaml(cfg, path):
 
 
 def distill_cfg(tmp_path, student_arch="rcnn", teacher_arch="rcnn", heads=("fitnet",),
-                student_channels=16, teacher_channels=32, teacher_classes=3):
+                student_channels=16, teacher_channels=32, num_classes=3, teacher_classes=None):
     """A Distill* config with a freshly saved random teacher under ``tmp_path``."""
+    teacher_classes = teacher_classes or num_classes
     teacher = detector_cfg(teacher_arch, teacher_channels, num_classes=teacher_classes)
-    t_yaml = write_yaml(teacher, tmp_path / f"teacher_{teacher_arch}.yaml")
-    t_weights = str(tmp_path / f"teacher_{teacher_arch}.pth")
+    name = f"teacher_{teacher_arch}_{teacher_channels}_{teacher_classes}"
+    t_yaml = write_yaml(teacher, tmp_path / f"{name}.yaml")
+    t_weights = str(tmp_path / f"{name}.pth")
     if not os.path.exists(t_weights):
         save_plain_model(teacher, t_weights, seed=1)
-    cfg = detector_cfg(student_arch, student_channels)
+    cfg = detector_cfg(student_arch, student_channels, num_classes=num_classes)
     cfg.MODEL.META_ARCHITECTURE = "DistillRCNN" if student_arch == "rcnn" else "DistillRetinaNet"
     cfg.DISTILL.TEACHER.CONFIG_FILE = t_yaml
     cfg.DISTILL.TEACHER.WEIGHTS = t_weights
@@ -113,3 +115,38 @@ def random_batch(num_images=2, size=(64, 80), num_classes=3, empty_last=False, s
 def storage():
     with EventStorage(0) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def shapes_cache(tmp_path_factory):
+    """The built-in shapes dataset generated once per test session in a temporary cache."""
+    from d2kd.data import register_shapes_datasets
+
+    root = tmp_path_factory.mktemp("d2kd_cache")
+    old = os.environ.get("D2KD_CACHE")
+    os.environ["D2KD_CACHE"] = str(root)
+    register_shapes_datasets()
+    yield root
+    if old is None:
+        os.environ.pop("D2KD_CACHE")
+    else:
+        os.environ["D2KD_CACHE"] = old
+    register_shapes_datasets()
+
+
+def training_cfg(tmp_path, heads=("fitnet",), max_iter=4):
+    """A distillation config that trains on the built-in data for a few CPU iterations."""
+    cfg = distill_cfg(tmp_path, heads=heads, num_classes=6)
+    cfg.DATASETS.TRAIN = ("d2kd_shapes_train",)
+    cfg.DATASETS.TEST = ()
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SOLVER.BASE_LR = 0.001
+    # the random teacher's features are large: keep the imitation term from dominating
+    cfg.DISTILL.FITNET.WEIGHT = 1e-6
+    cfg.SOLVER.MAX_ITER = max_iter
+    cfg.SOLVER.STEPS = ()
+    cfg.SOLVER.WARMUP_ITERS = 0
+    cfg.SOLVER.CHECKPOINT_PERIOD = 2
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    return cfg

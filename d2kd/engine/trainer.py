@@ -13,6 +13,8 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import AtomicDetectionCheckpointer
+from ..data.shapes import DATASET_PREFIX as SHAPES_PREFIX
+from ..data.shapes import ensure_shapes_generated
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +25,8 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
     meta = MetadataCatalog.get(dataset_name)
     kind = getattr(meta, "evaluator_type", None)
     if kind == "coco":
-        from ..data import ensure_generated
-
-        ensure_generated(dataset_name)  # the built-in set's json is written on first use
+        if dataset_name.startswith(SHAPES_PREFIX):
+            ensure_shapes_generated(dataset_name)  # COCOEvaluator reads the json it writes
         return COCOEvaluator(dataset_name, output_dir=output_folder)
     if kind == "pascal_voc":
         return PascalVOCDetectionEvaluator(dataset_name)

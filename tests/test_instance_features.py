@@ -1,0 +1,124 @@
+"""Instance features (summed-area table) against a per-box slice-and-mean loop."""
+import math
+
+import pytest
+import torch
+
+from d2kd.prototypes import assign_box_strides, instance_features
+
+
+def _naive(features, boxes, batch_index, stride):
+    _, _, h, w = features.shape
+    rows = []
+    for (x1, y1, x2, y2), i in zip(boxes.tolist(), batch_index.tolist()):
+        cx0 = min(max(math.floor(x1 / stride), 0), w - 1)
+        cx1 = max(min(max(math.floor(x2 / stride), 0), w - 1), cx0)
+        cy0 = min(max(math.floor(y1 / stride), 0), h - 1)
+        cy1 = max(min(max(math.floor(y2 / stride), 0), h - 1), cy0)
+        rows.append(features[i, :, cy0:cy1 + 1, cx0:cx1 + 1].mean(dim=(1, 2)))
+    return torch.stack(rows)
+
+
+def _boxes(stride, h, w):
+    return torch.tensor([
+        [3.0, 5.0, 60.0, 40.0],                           # interior
+        [0.0, 0.0, stride * w, stride * h],               # whole map (x2 lands past the edge)
+        [stride * 2 + 1, stride * 3 + 1, stride * 2 + 2, stride * 3 + 2],  # one cell
+        [stride * (w - 1), stride * (h - 1), stride * w - 0.5, stride * h - 0.5],  # corner
+        [-40.0, -10.0, 20.0, 30.0],                       # partly outside top-left
+        [stride * w - 10, stride * h - 10, stride * w + 90, stride * h + 50],  # bottom-right
+        [500.0, 500.0, 900.0, 900.0],                     # wholly outside
+        [17.0, 9.0, 17.0, 9.0],                           # zero size
+        [30.0, 30.0, 20.0, 20.0],                         # inverted: still one cell
+    ])
+
+
+@pytest.mark.parametrize("stride", [4, 8, 16])
+def test_matches_naive(stride):
+    g = torch.Generator().manual_seed(stride)
+    h, w = 13, 17
+    features = torch.randn(3, 6, h, w, generator=g) * 5 + 2
+    boxes = _boxes(stride, h, w)
+    batch_index = torch.tensor([0, 1, 2, 1, 0, 2, 1, 0, 2])
+    got = instance_features(features, boxes, batch_index, stride)
+    assert got.shape == (9, 6) and got.dtype == features.dtype
+    expected = _naive(features, boxes, batch_index, stride)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_random_boxes_match_naive():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 4, 25, 38, generator=g, dtype=torch.float64)
+    xy = torch.rand(200, 2, generator=g) * 350 - 25
+    wh = torch.rand(200, 2, generator=g) * 120
+    boxes = torch.cat([xy, xy + wh], dim=1).double()
+    batch_index = torch.randint(2, (200,), generator=g)
+    torch.testing.assert_close(
+        instance_features(features, boxes, batch_index, 8), _naive(features, boxes, batch_index, 8)
+    )
+
+
+def test_gradients_flow_and_match_naive():
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(2, 3, 7, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 12.0], [9.0, 4.0, 9.5, 4.5], [-5.0, 10.0, 100.0, 70.0]],
+                         dtype=torch.float64)
+    batch_index = torch.tensor([0, 1, 1])
+    weights = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    (instance_features(features, boxes, batch_index, 4) * weights).sum().backward()
+    grad = features.grad.clone()
+    features.grad = None
+    (_naive(features, boxes, batch_index, 4) * weights).sum().backward()
+    torch.testing.assert_close(grad, features.grad)
+    assert torch.autograd.gradcheck(
+        lambda f: instance_features(f, boxes, batch_index, 4), (features,)
+    )
+
+
+def test_float32_one_cell_precision():
+    # Large offsets make a float32 summed-area table lose the one-cell values.
+    features = torch.randn(1, 2, 64, 64) + 1000.0
+    boxes = torch.tensor([[8.0 * 60, 8.0 * 61, 8.0 * 60 + 1, 8.0 * 61 + 1]])
+    got = instance_features(features, boxes, torch.tensor([0]), 8)
+    torch.testing.assert_close(got[0], features[0, :, 61, 60])
+
+
+def test_empty_and_invalid():
+    features = torch.randn(2, 5, 4, 4)
+    out = instance_features(features, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 8)
+    assert out.shape == (0, 5)
+    with pytest.raises(ValueError):
+        instance_features(features[0], torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), 8)
+    with pytest.raises(ValueError):
+        instance_features(features, torch.zeros(2, 4), torch.zeros(1, dtype=torch.long), 8)
+    with pytest.raises(ValueError):
+        instance_features(features, torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), 0)
+
+
+def _rule(box, strides):
+    w, h = box[2] - box[0], box[3] - box[1]
+    area = max(w, 0) * max(h, 0)
+    level = math.floor(math.log2(math.sqrt(area) / 56)) if area > 0 else -100
+    return min(max(4 * 2 ** level, min(strides)), max(strides))
+
+
+def test_assign_box_strides():
+    boxes = torch.tensor([
+        [0, 0, 10, 10], [0, 0, 55, 57], [0, 0, 56, 56], [0, 0, 111, 111], [0, 0, 112, 112],
+        [0, 0, 224, 224], [5, 5, 453, 453], [0, 0, 900, 800], [0, 0, 2000, 2000],
+        [0, 0, 0, 0], [10, 10, 5, 30], [0, 0, 30, 400],
+    ], dtype=torch.float32)
+    for strides in ([4, 8, 16, 32, 64], [8, 16, 32, 64, 128], [128, 64, 32, 16, 8], [16]):
+        got = assign_box_strides(boxes, strides)
+        assert got.dtype == torch.long
+        assert got.tolist() == [_rule(b, strides) for b in boxes.tolist()]
+    # Spot checks of the rule itself.
+    assert assign_box_strides(boxes, [4, 8, 16, 32, 64])[:6].tolist() == [4, 4, 4, 4, 8, 16]
+    assert assign_box_strides(boxes, [8, 16, 32, 64, 128])[:6].tolist() == [8, 8, 8, 8, 8, 16]
+
+
+def test_assign_box_strides_empty_and_invalid():
+    assert assign_box_strides(torch.zeros(0, 4), [8, 16]).shape == (0,)
+    for bad in ([], [8, 32], [6, 12], [2, 4]):
+        with pytest.raises(ValueError):
+            assign_box_strides(torch.zeros(1, 4), bad)

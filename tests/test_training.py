@@ -1,0 +1,92 @@
+"""Training through DistillTrainer / train_net.py: checkpoints, resume, 2 CPU processes."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import training_cfg, write_yaml
+from d2kd.checkpoint import AtomicDetectionCheckpointer
+from d2kd.engine import DistillTrainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_checkpoints_hold_the_student_and_adapters_but_never_the_teacher(tmp_path, shapes_cache):
+    cfg = training_cfg(tmp_path)
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    saved = torch.load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), weights_only=False)
+    keys = set(saved["model"])
+    assert keys == set(trainer.model.state_dict())
+    assert any(k.startswith("distill_heads.fitnet.adapters") for k in keys)
+    # the teacher's keys have the same names as the student's but other shapes (32 vs 16 ch)
+    student_state = trainer.model.state_dict()
+    assert all(saved["model"][k].shape == student_state[k].shape for k in keys)
+    assert not [k for k in keys if "teacher" in k]
+    assert {"trainer", "iteration"} <= set(saved)
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, shapes_cache):
+    cfg = training_cfg(tmp_path, max_iter=2)
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    cfg.defrost()
+    cfg.SOLVER.MAX_ITER = 4
+    resumed = DistillTrainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    first = torch.load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), weights_only=False)["model"]
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, first[k]), k
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    ckpt = AtomicDetectionCheckpointer(model, save_dir=str(tmp_path))
+    ckpt.save("model_0000001")
+    good = open(tmp_path / "model_0000001.pth", "rb").read()
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save("model_0000001")
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save("model_0000002")
+    assert open(tmp_path / "model_0000001.pth", "rb").read() == good
+    assert not (tmp_path / "model_0000002.pth").exists()
+    assert open(tmp_path / "last_checkpoint").read() == "model_0000001.pth"
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
+
+
+def test_a_corrupt_checkpoint_on_resume_names_the_file_and_the_fix(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    (tmp_path / "model_final.pth").write_bytes(b"not a checkpoint")
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")
+    ckpt = AtomicDetectionCheckpointer(model, save_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"(?s)could not read checkpoint .*model_final.pth.*last_checkpoint"):
+        ckpt.resume_or_load("", resume=True)
+
+
+def test_train_net_with_two_cpu_processes(tmp_path, shapes_cache):
+    cfg = training_cfg(tmp_path, max_iter=3)
+    cfg.SOLVER.IMS_PER_BATCH = 4  # 2 per process
+    config_file = write_yaml(cfg, tmp_path / "distill.yaml")
+    env = dict(os.environ, D2KD_CACHE=str(shapes_cache), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", config_file,
+         "--num-gpus", "2", "MODEL.DEVICE", "cpu"],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "Starting training from iteration 0" in log
+    assert os.path.exists(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+    with open(os.path.join(cfg.OUTPUT_DIR, "log.txt")) as f:
+        assert "loss_distill_fitnet" in f.read()
