@@ -1,7 +1,7 @@
 """Distillation heads, one method per file; importing this package registers them all."""
 from .registry import DISTILL_HEAD_REGISTRY, available_heads, build_distill_heads, register_head
 from .base import DistillHead
-from . import fitnet, kd  # noqa: F401  (registration)
+from . import fitnet, gk, kd  # noqa: F401  (registration)
 
 __all__ = [
     "DISTILL_HEAD_REGISTRY",

@@ -1,0 +1,174 @@
+"""Building and refreshing the prototype bank during training (METHODS.md section 1.3)."""
+import logging
+import time
+from collections import defaultdict
+from typing import Dict, Iterable, List, Tuple
+
+import numpy as np
+import torch
+from detectron2.data import DatasetMapper, get_detection_dataset_dicts
+from detectron2.data import transforms as T
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from ..modeling.distill_mixin import by_stride
+from .instance_features import instance_features
+from .selection import select_prototypes
+
+logger = logging.getLogger(__name__)
+
+# {stride: {class: (student (n, D_s), teacher (n, D_t))}}
+InstanceFeatureSets = Dict[int, Dict[int, Tuple[Tensor, Tensor]]]
+
+
+@torch.no_grad()
+def collect_instance_features(model, batches: Iterable[List[dict]], min_size: float) -> InstanceFeatureSets:
+    """Student and teacher instance features of every GT box (side >= ``min_size`` input px)
+    at every stride of ``model.prototype_bank``, grouped by stride and class, on the CPU.
+
+    The model is switched to eval mode meanwhile (the student's BatchNorm statistics must not
+    move) and restored afterwards.
+    """
+    bank = model.prototype_bank
+    was_training = model.training
+    model.eval()
+    found: Dict[int, Dict[int, List[Tuple[Tensor, Tensor]]]] = defaultdict(lambda: defaultdict(list))
+    try:
+        for batch in batches:
+            images = model.preprocess_image(batch)
+            student = by_stride(model.backbone, model.backbone(images.tensor))
+            teacher = by_stride(model.teacher.backbone, model.teacher_backbone(batch))
+            boxes, classes, index = [], [], []
+            for i, x in enumerate(batch):
+                inst = x["instances"].to(model.device)
+                wh = inst.gt_boxes.tensor[:, 2:] - inst.gt_boxes.tensor[:, :2]
+                keep = (wh >= min_size).all(dim=1)
+                boxes.append(inst.gt_boxes.tensor[keep])
+                classes.append(inst.gt_classes[keep])
+                index.append(torch.full((int(keep.sum()),), i, dtype=torch.long, device=model.device))
+            boxes, classes, index = torch.cat(boxes), torch.cat(classes), torch.cat(index)
+            if len(boxes) == 0:
+                continue
+            for s in bank.strides:
+                f_s = instance_features(student[s], boxes, index, s).float().cpu()
+                f_t = instance_features(teacher[s], boxes, index, s).float().cpu()
+                for c in classes.unique().tolist():
+                    sel = (classes == c).cpu()
+                    found[s][c].append((f_s[sel], f_t[sel]))
+    finally:
+        model.train(was_training)
+    return {
+        s: {c: (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])) for c, parts in per_class.items()}
+        for s, per_class in found.items()
+    }
+
+
+def merge_feature_sets(sets: List[InstanceFeatureSets]) -> InstanceFeatureSets:
+    """Concatenate per-rank feature sets in rank order (so every rank merges identically)."""
+    merged: Dict[int, Dict[int, List[Tuple[Tensor, Tensor]]]] = defaultdict(lambda: defaultdict(list))
+    for one in sets:
+        for s, per_class in one.items():
+            for c, pair in per_class.items():
+                merged[s][c].append(pair)
+    return {
+        s: {c: (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])) for c, parts in per_class.items()}
+        for s, per_class in merged.items()
+    }
+
+
+def rebuild_bank(bank, features: InstanceFeatureSets, alpha: float, device=None) -> None:
+    """Select K prototypes per (stride, class) and write them into ``bank``.
+
+    Classes without instances get no prototypes (all slots invalid).
+    """
+    for s in bank.strides:
+        per_class = features.get(s, {})
+        for c in range(bank.num_classes):
+            if c not in per_class:
+                bank.set_class(s, c, bank.student(s)[c, :0], bank.teacher(s)[c, :0])
+                continue
+            f_s, f_t = per_class[c]
+            if device is not None:
+                f_s, f_t = f_s.to(device), f_t.to(device)
+            chosen = select_prototypes(f_s, f_t, bank.num_prototypes, alpha=alpha)
+            bank.set_class(s, c, f_s[chosen], f_t[chosen])
+    bank.num_builds += 1
+
+
+class PrototypeRefreshHook(HookBase):
+    """Builds the prototype bank at ``DISTILL.PROTOTYPES.START_ITER`` and every ``PERIOD``
+    iterations after it (and at the first step after a resume that finds no bank).
+
+    Each rank extracts instance features from its share of ``MAX_IMAGES`` training images
+    (one sample per refresh, the same on every rank); the features are gathered, the main
+    process selects the prototypes, and every rank receives the main process' bank, so all
+    ranks hold identical prototypes.
+    """
+
+    def __init__(self, cfg, trainer=None):
+        node = cfg.DISTILL.PROTOTYPES
+        self.start_iter = node.START_ITER
+        self.period = node.PERIOD
+        self.max_images = node.MAX_IMAGES
+        self.min_size = node.MIN_SIZE
+        self.alpha = node.ALPHA
+        self.batch_size = max(1, cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
+        self._dataset_names = cfg.DATASETS.TRAIN
+        self._dataset = None
+        self._mapper = DatasetMapper(
+            is_train=True,  # keeps the annotations; the augmentation is the test-time resize
+            augmentations=[T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)],
+            image_format=cfg.INPUT.FORMAT,
+        )
+
+    def _model(self):
+        model = self.trainer.model
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
+    def is_due(self, iteration: int) -> bool:
+        if iteration < self.start_iter:
+            return False
+        if not self._model().prototype_bank.is_built:
+            return True
+        return self.period > 0 and (iteration - self.start_iter) % self.period == 0 and iteration > self.start_iter
+
+    def before_step(self):
+        if self.is_due(self.trainer.iter):
+            self.refresh(self.trainer.iter)
+
+    def _batches(self, iteration: int):
+        if self._dataset is None:
+            self._dataset = get_detection_dataset_dicts(self._dataset_names, filter_empty=True)
+        rng = np.random.default_rng(iteration)  # same sample on every rank
+        count = min(self.max_images, len(self._dataset))
+        picked = rng.permutation(len(self._dataset))[:count]
+        mine = picked[comm.get_rank():: comm.get_world_size()]
+        for i in range(0, len(mine), self.batch_size):
+            yield [self._mapper(self._dataset[j]) for j in mine[i: i + self.batch_size]]
+
+    def refresh(self, iteration: int) -> None:
+        start = time.perf_counter()
+        model = self._model()
+        bank = model.prototype_bank
+        local = collect_instance_features(model, self._batches(iteration), self.min_size)
+        merged = merge_feature_sets(comm.all_gather(local))
+        if comm.is_main_process():
+            rebuild_bank(bank, merged, self.alpha, device=model.device)
+        state = comm.all_gather(
+            {k: v.cpu() for k, v in bank.state_dict().items()} if comm.is_main_process() else None
+        )[0]
+        bank.load_state_dict(state)
+        elapsed = time.perf_counter() - start
+        counts = torch.stack([bank.prototypes_per_class(s) for s in bank.strides]).float()
+        instances = sum(len(f[0]) for per_class in merged.values() for f in per_class.values())
+        logger.info(
+            f"Prototypes built at iteration {iteration} in {elapsed:.1f}s from "
+            f"{instances // max(len(bank.strides), 1)} instances: {counts.mean():.1f} per class "
+            f"and stride on average, {int((counts.sum(0) == 0).sum())} classes without any"
+        )
+        storage = get_event_storage()
+        storage.put_scalar("distill/prototype_refresh_time", elapsed, smoothing_hint=False)
+        storage.put_scalar("distill/prototypes_per_class", counts.mean().item(), smoothing_hint=False)
