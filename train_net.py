@@ -10,20 +10,16 @@ Plain detectron2 configs (no DISTILL node in use) train as ordinary detectors, w
 teacher and the student-alone baseline are trained.
 """
 import d2kd  # noqa: F401  (registers meta-architectures, heads and built-in datasets)
-from d2kd import add_distill_config
+from d2kd.config import load_config
 from d2kd.checkpoint import AtomicDetectionCheckpointer
 from d2kd.engine import DistillTrainer
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_distill_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

@@ -83,3 +83,26 @@ def add_distill_config(cfg):
     # Follow DISTILL.SCHEDULE.LINEAR_DECAY (the reference decays global and feature terms only).
     _C.DISTILL.GK.DECAY = True
     return cfg
+
+
+def load_config(config_file: str, opts=()):
+    """``get_cfg()`` + ``DISTILL`` + the yaml + KEY VALUE overrides, as train_net.py does.
+
+    A relative ``DISTILL.TEACHER.CONFIG_FILE`` written in a yaml is resolved against that
+    yaml's directory (like detectron2's ``_BASE_``), so configs work from any working
+    directory; one given in ``opts`` is taken as the user typed it.
+    """
+    import os
+
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_distill_config(cfg)
+    cfg.merge_from_file(config_file)
+    teacher = cfg.DISTILL.TEACHER.CONFIG_FILE
+    if teacher and not os.path.isabs(teacher):
+        beside = os.path.join(os.path.dirname(os.path.abspath(config_file)), teacher)
+        if os.path.isfile(beside):
+            cfg.DISTILL.TEACHER.CONFIG_FILE = beside
+    cfg.merge_from_list(list(opts))
+    return cfg

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import d2kd  # noqa: F401
-from d2kd import add_distill_config
+from d2kd.config import load_config
 from d2kd.checkpoint import StrictDetectionCheckpointer
 from d2kd.export import export_student
 from detectron2.config import get_cfg
@@ -70,10 +70,7 @@ def main(argv=None):
     setup_logger(name="d2kd")
     logger = logging.getLogger("d2kd")
 
-    cfg = get_cfg()
-    add_distill_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     weights = args.weights or os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     if not os.path.isfile(weights):
         sys.exit(f"export_student: the checkpoint {weights} does not exist (pass --weights)")
