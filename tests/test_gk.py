@@ -212,3 +212,33 @@ def test_two_processes_end_with_identical_prototypes(tmp_path, shapes_cache):
     assert a["num_builds"].item() == 1 and a["valid_s8"].any()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_visualize_prototypes_writes_galleries_and_histogram(tmp_path, shapes_cache):
+    import subprocess
+    import sys
+
+    from conftest import write_yaml
+    from d2kd.engine import DistillTrainer
+
+    cfg = _gk_training_cfg(tmp_path, max_iter=2)
+    cfg.DATASETS.TEST = ("d2kd_shapes_val",)
+    cfg.TEST.EVAL_PERIOD = 0
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    for h in list(trainer._hooks):  # no final evaluation: only the checkpoint matters here
+        if type(h).__name__ == "EvalHook":
+            trainer._hooks.remove(h)
+    trainer.train()
+    config_file = write_yaml(cfg, tmp_path / "gk.yaml")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(repo, "tools", "visualize_prototypes.py"), "--config-file", config_file,
+         "--weights", os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), "--output-dir", str(tmp_path / "pics"),
+         "--num-images", "8"],
+        env=dict(os.environ, D2KD_CACHE=str(shapes_cache)), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pics = sorted(os.listdir(tmp_path / "pics"))
+    assert "robust_weights.png" in pics
+    assert any(p.startswith("prototypes_s8_") for p in pics)

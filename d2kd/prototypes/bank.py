@@ -27,6 +27,8 @@ class PrototypeBank(nn.Module):
             self.register_buffer(f"student_s{s}", torch.zeros(num_classes, num_prototypes, student_channels[s]))
             self.register_buffer(f"teacher_s{s}", torch.zeros(num_classes, num_prototypes, teacher_channels[s]))
             self.register_buffer(f"valid_s{s}", torch.zeros(num_classes, num_prototypes, dtype=torch.bool))
+            # where each prototype came from: (dataset index, x1, y1, x2, y2), -1 if unknown
+            self.register_buffer(f"source_s{s}", torch.full((num_classes, num_prototypes, 5), -1.0))
         self.register_buffer("num_builds", torch.zeros((), dtype=torch.long))
 
     @classmethod
@@ -57,6 +59,9 @@ class PrototypeBank(nn.Module):
     def valid(self, stride: int) -> Tensor:
         return getattr(self, f"valid_s{stride}")
 
+    def source(self, stride: int) -> Tensor:
+        return getattr(self, f"source_s{stride}")
+
     @property
     def is_built(self) -> bool:
         return bool(self.num_builds > 0)
@@ -67,14 +72,18 @@ class PrototypeBank(nn.Module):
 
     # ---- building ----
     @torch.no_grad()
-    def set_class(self, stride: int, cls: int, student: Tensor, teacher: Tensor) -> None:
-        """Replace the prototypes of class ``cls`` at ``stride`` with the given (k, D) rows."""
+    def set_class(self, stride: int, cls: int, student: Tensor, teacher: Tensor, source: Tensor = None) -> None:
+        """Replace the prototypes of class ``cls`` at ``stride`` with the given (k, D) rows
+        (and, optionally, their (k, 5) sources)."""
         k = student.shape[0]
         if k > self.num_prototypes or teacher.shape[0] != k:
             raise ValueError(f"expected at most {self.num_prototypes} prototype pairs, got {k} / {teacher.shape[0]}")
         self.student(stride)[cls].zero_()
         self.teacher(stride)[cls].zero_()
         self.valid(stride)[cls].zero_()
+        self.source(stride)[cls].fill_(-1.0)
+        if source is not None and k:
+            self.source(stride)[cls, :k] = source.to(self.source(stride))
         if k:
             self.student(stride)[cls, :k] = student.to(self.student(stride))
             self.teacher(stride)[cls, :k] = teacher.to(self.teacher(stride))

@@ -20,8 +20,9 @@ from .selection import select_prototypes
 
 logger = logging.getLogger(__name__)
 
-# {stride: {class: (student (n, D_s), teacher (n, D_t))}}
-InstanceFeatureSets = Dict[int, Dict[int, Tuple[Tensor, Tensor]]]
+# {stride: {class: (student (n, D_s), teacher (n, D_t), source (n, 5))}}; a source row is
+# (dataset index, x1, y1, x2, y2) with the box in the original image's pixels.
+InstanceFeatureSets = Dict[int, Dict[int, Tuple[Tensor, Tensor, Tensor]]]
 
 
 @torch.no_grad()
@@ -29,19 +30,22 @@ def collect_instance_features(model, batches: Iterable[List[dict]], min_size: fl
     """Student and teacher instance features of every GT box (side >= ``min_size`` input px)
     at every stride of ``model.prototype_bank``, grouped by stride and class, on the CPU.
 
+    Inputs may carry ``"d2kd_index"`` (their index in the sampled dataset list); it is kept,
+    with each box in original-image pixels, as the instance's source (-1 when absent).
+
     The model is switched to eval mode meanwhile (the student's BatchNorm statistics must not
     move) and restored afterwards.
     """
     bank = model.prototype_bank
     was_training = model.training
     model.eval()
-    found: Dict[int, Dict[int, List[Tuple[Tensor, Tensor]]]] = defaultdict(lambda: defaultdict(list))
+    found: Dict[int, Dict[int, List[Tuple[Tensor, ...]]]] = defaultdict(lambda: defaultdict(list))
     try:
         for batch in batches:
             images = model.preprocess_image(batch)
             student = by_stride(model.backbone, model.backbone(images.tensor))
             teacher = by_stride(model.teacher.backbone, model.teacher_backbone(batch))
-            boxes, classes, index = [], [], []
+            boxes, classes, index, sources = [], [], [], []
             for i, x in enumerate(batch):
                 inst = x["instances"].to(model.device)
                 wh = inst.gt_boxes.tensor[:, 2:] - inst.gt_boxes.tensor[:, :2]
@@ -49,7 +53,11 @@ def collect_instance_features(model, batches: Iterable[List[dict]], min_size: fl
                 boxes.append(inst.gt_boxes.tensor[keep])
                 classes.append(inst.gt_classes[keep])
                 index.append(torch.full((int(keep.sum()),), i, dtype=torch.long, device=model.device))
-            boxes, classes, index = torch.cat(boxes), torch.cat(classes), torch.cat(index)
+                scale = x.get("width", x["image"].shape[-1]) / x["image"].shape[-1]
+                src = torch.full((int(keep.sum()), 5), float(x.get("d2kd_index", -1)))
+                src[:, 1:] = inst.gt_boxes.tensor[keep].cpu() * scale
+                sources.append(src)
+            boxes, classes, index, sources = torch.cat(boxes), torch.cat(classes), torch.cat(index), torch.cat(sources)
             if len(boxes) == 0:
                 continue
             for s in bank.strides:
@@ -57,26 +65,32 @@ def collect_instance_features(model, batches: Iterable[List[dict]], min_size: fl
                 f_t = instance_features(teacher[s], boxes, index, s).float().cpu()
                 for c in classes.unique().tolist():
                     sel = (classes == c).cpu()
-                    found[s][c].append((f_s[sel], f_t[sel]))
+                    found[s][c].append((f_s[sel], f_t[sel], sources[sel]))
     finally:
         model.train(was_training)
+    return _concat(found)
+
+
+def _concat(found) -> InstanceFeatureSets:
     return {
-        s: {c: (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])) for c, parts in per_class.items()}
+        s: {c: tuple(torch.cat(column) for column in zip(*parts)) for c, parts in per_class.items()}
         for s, per_class in found.items()
     }
 
 
 def merge_feature_sets(sets: List[InstanceFeatureSets]) -> InstanceFeatureSets:
     """Concatenate per-rank feature sets in rank order (so every rank merges identically)."""
-    merged: Dict[int, Dict[int, List[Tuple[Tensor, Tensor]]]] = defaultdict(lambda: defaultdict(list))
+    merged: Dict[int, Dict[int, List[Tuple[Tensor, ...]]]] = defaultdict(lambda: defaultdict(list))
     for one in sets:
         for s, per_class in one.items():
-            for c, pair in per_class.items():
-                merged[s][c].append(pair)
-    return {
-        s: {c: (torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])) for c, parts in per_class.items()}
-        for s, per_class in merged.items()
-    }
+            for c, columns in per_class.items():
+                merged[s][c].append(columns)
+    return _concat(merged)
+
+
+def prototype_source_dataset(names) -> List[dict]:
+    """The list that prototype sources index into: ``DATASETS.TRAIN``, images with boxes."""
+    return get_detection_dataset_dicts(names, filter_empty=True)
 
 
 def rebuild_bank(bank, features: InstanceFeatureSets, alpha: float, device=None) -> None:
@@ -90,11 +104,11 @@ def rebuild_bank(bank, features: InstanceFeatureSets, alpha: float, device=None)
             if c not in per_class:
                 bank.set_class(s, c, bank.student(s)[c, :0], bank.teacher(s)[c, :0])
                 continue
-            f_s, f_t = per_class[c]
+            f_s, f_t, source = per_class[c]
             if device is not None:
                 f_s, f_t = f_s.to(device), f_t.to(device)
             chosen = select_prototypes(f_s, f_t, bank.num_prototypes, alpha=alpha)
-            bank.set_class(s, c, f_s[chosen], f_t[chosen])
+            bank.set_class(s, c, f_s[chosen], f_t[chosen], source[chosen.cpu()])
     bank.num_builds += 1
 
 
@@ -141,13 +155,13 @@ class PrototypeRefreshHook(HookBase):
 
     def _batches(self, iteration: int):
         if self._dataset is None:
-            self._dataset = get_detection_dataset_dicts(self._dataset_names, filter_empty=True)
+            self._dataset = prototype_source_dataset(self._dataset_names)
         rng = np.random.default_rng(iteration)  # same sample on every rank
         count = min(self.max_images, len(self._dataset))
         picked = rng.permutation(len(self._dataset))[:count]
         mine = picked[comm.get_rank():: comm.get_world_size()]
         for i in range(0, len(mine), self.batch_size):
-            yield [self._mapper(self._dataset[j]) for j in mine[i: i + self.batch_size]]
+            yield [dict(self._mapper(self._dataset[j]), d2kd_index=int(j)) for j in mine[i: i + self.batch_size]]
 
     def refresh(self, iteration: int) -> None:
         start = time.perf_counter()
