@@ -1,59 +1,11 @@
 #!/usr/bin/env python
-"""Train or evaluate a distilled detector, detectron2-style.
+"""Train or evaluate a distilled detector (the logic lives in d2kd/train_net.py).
 
     python train_net.py --config-file configs/gk_faster_r50.yaml --num-gpus 8
     python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS output/model_final.pth
-    python train_net.py --config-file <cfg> --resume          # continue from OUTPUT_DIR
-    python train_net.py --config-file <cfg> --num-gpus 2 MODEL.DEVICE cpu   # 2 CPU processes
-
-Plain detectron2 configs (no DISTILL node in use) train as ordinary detectors, which is how the
-teacher and the student-alone baseline are trained.
+    python train_net.py --config-file <cfg> --resume
 """
-import d2kd  # noqa: F401  (registers meta-architectures, heads and built-in datasets)
-from d2kd.config import load_config
-from d2kd.checkpoint import AtomicDetectionCheckpointer
-from d2kd.engine import DistillTrainer
-from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.evaluation import verify_results
-from detectron2.utils import comm
-
-
-def setup(args):
-    cfg = load_config(args.config_file, args.opts)
-    cfg.freeze()
-    default_setup(cfg, args)
-    return cfg
-
-
-def main(args):
-    cfg = setup(args)
-    if args.eval_only:
-        model = DistillTrainer.build_model(cfg)
-        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
-        res = DistillTrainer.test(cfg, model)
-        if comm.is_main_process():
-            verify_results(cfg, res)
-        return res
-
-    trainer = DistillTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
-
-
-def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
-
+from d2kd.train_net import invoke_main
 
 if __name__ == "__main__":
     invoke_main()

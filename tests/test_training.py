@@ -90,3 +90,32 @@ def test_train_net_with_two_cpu_processes(tmp_path, shapes_cache):
     assert os.path.exists(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
     with open(os.path.join(cfg.OUTPUT_DIR, "log.txt")) as f:
         assert "loss_distill_fitnet" in f.read()
+
+
+def test_own_coco_dataset_through_the_documented_launcher(tmp_path):
+    """datasets/README.md route 3: register a COCO-format set, then d2kd's invoke_main()."""
+    from d2kd.data import generate_shapes_split
+
+    data = tmp_path / "mydata"
+    generate_shapes_split(str(data), "train", 6, seed=5, image_size=96)
+    generate_shapes_split(str(data), "val", 3, seed=6, image_size=96)
+    launcher = tmp_path / "my_train_net.py"
+    launcher.write_text(
+        "from detectron2.data.datasets import register_coco_instances\n"
+        "from d2kd.train_net import invoke_main\n"
+        f"register_coco_instances('mydata_train', {{}}, '{data}/train.json', '{data}/train')\n"
+        f"register_coco_instances('mydata_val', {{}}, '{data}/val.json', '{data}/val')\n"
+        "if __name__ == '__main__':\n"
+        "    invoke_main()\n"
+    )
+    cfg = training_cfg(tmp_path, max_iter=2)
+    cfg.DATASETS.TRAIN = ("mydata_train",)
+    cfg.DATASETS.TEST = ("mydata_val",)
+    config_file = write_yaml(cfg, tmp_path / "mine.yaml")
+    proc = subprocess.run(
+        [sys.executable, str(launcher), "--config-file", config_file, "MODEL.DEVICE", "cpu"],
+        cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "Evaluation results for bbox" in log
