@@ -126,7 +126,8 @@ def roi_robust_weights(ctx) -> Tensor:
         bank = ctx.prototype_bank
         fg = classes != ctx.num_classes
         if bank is not None and bank.is_built and fg.any():
-            strides = assign_box_strides(boxes, bank.strides)
+            # assign among all common strides (a consecutive set); only the bank's are used
+            strides = assign_box_strides(boxes, ctx.common_strides)
             for s in bank.strides:
                 sel = fg & (strides == s)
                 if sel.any():

@@ -1,0 +1,272 @@
+"""GK's prototype selection (PGM, METHODS.md 1.2) for one class at one FPN level.
+
+Two steps, both on the inputs' device. A call syncs with the host twice (the finiteness
+check and the number of candidates, which sets the loop length), never inside the loops:
+
+1. Density filter: per space, ``rho_n = sum_m exp(-((1 - a_n . a_m) / sigma)^2)``, computed
+   over row chunks so memory is O(chunk * N) rather than O(N^2).
+2. Matching pursuit with the consistency term. For a unit atom ``u`` the best coefficients
+   of METHODS.md 1.2 turn the candidate error into
+   ``E = sum_n |r^a_n|^2 + |r^b_n|^2 - (w^a_n p_n + w^b_n q_n)``
+   (the minimum of the quadratic in ``(w^a, w^b)``), and ``w^a p + w^b q`` simplifies to
+   ``(p^2 + q^2 + alpha (p + q)^2) / (1 + 2 alpha)``. The residual-norm sum is the same for
+   every candidate, so the arg-min of ``E`` is the arg-max of that "gain", which we compute
+   directly: dropping the large shared constant removes the cancellation that would
+   otherwise swamp small differences between candidates.
+
+   The inner products ``P = U R_a^T`` and ``Q = V R_b^T`` (|candidates| x N) change by a
+   rank-1 term when an atom is chosen (``P -= (U u*) w^a^T``), so P and Q are built with one
+   matmul per space and updated in place; the |candidates| x D x N tensor of the reference
+   code never exists. When P and Q would not fit ``cache_bytes``, the residuals are kept
+   instead and P, Q are recomputed per step in candidate chunks (one matmul per chunk per
+   space per step): slower, but memory O(chunk * N + N * D).
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["select_prototypes", "density", "dense_candidates"]
+
+# Elements (not bytes) of one chunk of an N-column work matrix; 2^21 float64 = 16 MiB.
+_CHUNK_ELEMENTS = 1 << 21
+# Default bound on the cached P and Q matrices together (bytes).
+_CACHE_BYTES = 1 << 30
+
+
+def _unit_rows(x: Tensor, eps: float) -> Tensor:
+    # Rows whose norm is below eps become (near) zero vectors: such a row has density
+    # ~N*exp(-100), below every non-zero row's (whose self term alone is 1), so it is never
+    # a candidate.
+    return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
+def _rows_per_chunk(n_cols: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // max(n_cols, 1))
+
+
+def density(x: Tensor, sigma: float = 0.1, chunk_elements: int = _CHUNK_ELEMENTS) -> Tensor:
+    """Kernel density of each row among all rows, under cosine distance.
+
+    Args:
+        x (Tensor): (N, D) unit-norm (or zero) rows.
+        sigma (float): kernel width; ``rho_n = sum_m exp(-((1 - x_n . x_m) / sigma)^2)``,
+            the row itself included.
+        chunk_elements (int): rows are processed in chunks of ``chunk_elements // N`` so
+            the working memory is O(chunk_elements), not O(N^2).
+
+    Returns:
+        Tensor: (N,) densities, dtype and device of ``x``.
+    """
+    n = x.shape[0]
+    out = x.new_empty(n)
+    step = _rows_per_chunk(n, chunk_elements)
+    for start in range(0, n, step):
+        sim = x[start:start + step] @ x.T
+        # exp(-((1 - s) / sigma)^2), in place on the chunk to keep one buffer.
+        sim.neg_().add_(1.0).div_(sigma).square_().neg_().exp_()
+        out[start:start + step] = sim.sum(dim=1)
+    return out
+
+
+def _dense_mask(rho: Tensor, fraction: float) -> Tensor:
+    # q = value at position floor(fraction * N) of the ascending densities; keep rho > q.
+    q = torch.sort(rho).values[int(math.floor(fraction * rho.shape[0]))]
+    return rho > q
+
+
+def dense_candidates(
+    a: Tensor, b: Tensor, sigma: float = 0.1, fraction: float = 0.4,
+    chunk_elements: int = _CHUNK_ELEMENTS,
+) -> Tensor:
+    """The density filter of METHODS.md 1.2 step 2 (the candidate set Γ).
+
+    Args:
+        a (Tensor): (N, D_s) unit-norm (or zero) student rows.
+        b (Tensor): (N, D_t) unit-norm (or zero) teacher rows.
+        sigma (float): density kernel width.
+        fraction (float): the threshold ``q`` is the density at position
+            ``floor(fraction * N)`` of the ascending densities.
+        chunk_elements (int): see :func:`density`.
+
+    Returns:
+        Tensor: ascending int64 indices of the instances whose density is strictly greater
+        than ``q`` in both spaces (empty for N <= 1 or when all densities are equal).
+    """
+    if a.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=a.device)
+    dense = _dense_mask(density(a, sigma, chunk_elements), fraction)
+    dense &= _dense_mask(density(b, sigma, chunk_elements), fraction)
+    return dense.nonzero().squeeze(1)
+
+
+def _pick(gain: Tensor, taken: Tensor, positions: Tensor) -> Tensor:
+    """Position of the largest gain among candidates not taken; lowest on exact ties.
+
+    Written out instead of relying on ``argmax``'s tie rule. Returns a (1,) device tensor
+    used with ``index_select``/``index_fill_``: indexing with a 0-d tensor would call
+    ``.item()`` and stall the GPU at every step.
+    """
+    gain = gain.masked_fill(taken, -math.inf)
+    best = gain.max()
+    return torch.where(gain == best, positions, positions.numel()).min().view(1)
+
+
+def _gain(p: Tensor, q: Tensor, alpha: float) -> Tensor:
+    # sum_n (w^a p + w^b q) = sum_n (p^2 + q^2 + alpha (p + q)^2) / (1 + 2 alpha),
+    # with one temporary of p's size.
+    t = torch.add(p, q).square_().mul_(alpha).addcmul_(p, p).addcmul_(q, q)
+    return t.sum(dim=1) / (1.0 + 2.0 * alpha)
+
+
+def _coefficients(p: Tensor, q: Tensor, alpha: float):
+    s = alpha * (p + q)
+    return (s + p) / (1.0 + 2.0 * alpha), (s + q) / (1.0 + 2.0 * alpha)
+
+
+def _pursuit_cached(a: Tensor, b: Tensor, ua: Tensor, ub: Tensor, steps: int, alpha: float,
+                    chunk_elements: int) -> Tensor:
+    g = ua.shape[0]
+    p_all = ua @ a.T  # (G, N): p for every candidate atom and instance
+    q_all = ub @ b.T
+    taken = torch.zeros(g, dtype=torch.bool, device=a.device)
+    positions = torch.arange(g, device=a.device)
+    rows = _rows_per_chunk(a.shape[0], chunk_elements)
+    chosen = []
+    for _ in range(steps):
+        gain = torch.cat([
+            _gain(p_all[s:s + rows], q_all[s:s + rows], alpha) for s in range(0, g, rows)
+        ])
+        k = _pick(gain, taken, positions)
+        wa, wb = _coefficients(p_all.index_select(0, k)[0], q_all.index_select(0, k)[0], alpha)
+        # r_n <- r_n - w_n u*  =>  (U r_n) <- (U r_n) - w_n (U u*): a rank-1 update.
+        p_all.addr_(ua @ ua.index_select(0, k)[0], wa, alpha=-1.0)
+        q_all.addr_(ub @ ub.index_select(0, k)[0], wb, alpha=-1.0)
+        taken.index_fill_(0, k, True)
+        chosen.append(k)
+    return torch.cat(chosen)
+
+
+def _pursuit_streamed(a: Tensor, b: Tensor, ua: Tensor, ub: Tensor, steps: int, alpha: float,
+                      chunk_elements: int) -> Tensor:
+    g = ua.shape[0]
+    ra, rb = a.clone(), b.clone()  # residuals, (N, D_s) and (N, D_t)
+    taken = torch.zeros(g, dtype=torch.bool, device=a.device)
+    positions = torch.arange(g, device=a.device)
+    rows = _rows_per_chunk(a.shape[0], chunk_elements)
+    chosen = []
+    for _ in range(steps):
+        gain = torch.cat([
+            _gain(ua[s:s + rows] @ ra.T, ub[s:s + rows] @ rb.T, alpha) for s in range(0, g, rows)
+        ])
+        k = _pick(gain, taken, positions)
+        u, v = ua.index_select(0, k)[0], ub.index_select(0, k)[0]
+        wa, wb = _coefficients(ra @ u, rb @ v, alpha)
+        ra.addr_(wa, u, alpha=-1.0)
+        rb.addr_(wb, v, alpha=-1.0)
+        taken.index_fill_(0, k, True)
+        chosen.append(k)
+    return torch.cat(chosen)
+
+
+def select_prototypes(
+    student_feats: Tensor,
+    teacher_feats: Tensor,
+    num_prototypes: int,
+    alpha: float = 10.0,
+    *,
+    sigma: float = 0.1,
+    density_fraction: float = 0.4,
+    eps: float = 1e-12,
+    dtype: torch.dtype = torch.float64,
+    chunk_elements: int = _CHUNK_ELEMENTS,
+    cache_bytes: Optional[int] = _CACHE_BYTES,
+) -> Tensor:
+    """Choose the prototype instances of one class at one FPN level (GK's PGM).
+
+    Implements METHODS.md 1.2: L2-normalise each space; keep the instances whose density
+    is strictly above the ``floor(density_fraction * N)``-th smallest density in both
+    spaces; then run ``num_prototypes`` steps of matching pursuit with the consistency
+    term ``alpha``, never choosing an instance twice.
+
+    Ties: at every step the candidate with the lowest position among the candidates
+    (equivalently the lowest instance index) wins among exactly equal errors. Results
+    are deterministic for a given device (cross-device results agree except on
+    near-ties within rounding, which float64 makes rare).
+
+    Edge cases: N = 0 gives an empty result. N = 1 gives an empty result too: the only
+    density is the quantile itself and "strictly greater" excludes it (the same holds
+    whenever all densities are equal, e.g. all instances identical). Fewer candidates
+    than ``num_prototypes`` gives fewer indices.
+
+    Args:
+        student_feats (Tensor): (N, D_s) student instance features of the class.
+        teacher_feats (Tensor): (N, D_t) teacher instance features of the same instances,
+            same order; D_t may differ from D_s. Both must be finite.
+        num_prototypes (int): K, the most prototypes to choose (paper: 10).
+        alpha (float): weight of the consistency term (paper: 10).
+        sigma (float): density kernel width on the cosine distance (reference: 0.1).
+        density_fraction (float): quantile position of the density threshold (0.4).
+        eps (float): norm floor for the L2 normalisation (zero rows stay zero).
+        dtype (torch.dtype): compute precision, float64 by default: the density threshold
+            is a strict comparison and the pursuit an arg-min over sums of N terms, so
+            float32 (let alone TF32 matmuls on Ampere+ GPUs) can flip near-ties. Pass
+            torch.float32 for speed on GPUs with slow float64.
+        chunk_elements (int): size (in elements) of the chunks of N-column work matrices.
+        cache_bytes (int or None): largest size of the cached (G, N) inner-product
+            matrices P and Q together; above it residuals are kept and P, Q recomputed
+            per step in chunks. None: always cache.
+
+    Returns:
+        Tensor: (k,) int64 indices into the N instances, in selection order, on the
+        inputs' device, k <= num_prototypes.
+
+    Raises:
+        ValueError: inputs not 2-D, different N, different devices, not finite, or a
+            negative ``num_prototypes``.
+    """
+    if student_feats.dim() != 2 or teacher_feats.dim() != 2:
+        raise ValueError(
+            "select_prototypes expects (N, D_s) student and (N, D_t) teacher features, got "
+            f"shapes {tuple(student_feats.shape)} and {tuple(teacher_feats.shape)}"
+        )
+    if student_feats.shape[0] != teacher_feats.shape[0]:
+        raise ValueError(
+            f"student and teacher features must describe the same instances: got "
+            f"{student_feats.shape[0]} and {teacher_feats.shape[0]} rows"
+        )
+    if student_feats.device != teacher_feats.device:
+        raise ValueError(
+            f"student features on {student_feats.device}, teacher features on "
+            f"{teacher_feats.device}: put both on one device"
+        )
+    if int(num_prototypes) < 0:
+        raise ValueError(f"num_prototypes must be >= 0, got {num_prototypes}")
+    device = student_feats.device
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    n = student_feats.shape[0]
+    if n == 0 or num_prototypes == 0:
+        return empty
+
+    with torch.no_grad():
+        a = student_feats.detach().to(dtype)
+        b = teacher_feats.detach().to(dtype)
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError("select_prototypes got non-finite (inf/NaN) features")
+        a = _unit_rows(a, eps)
+        b = _unit_rows(b, eps)
+
+        candidates = dense_candidates(a, b, sigma, density_fraction, chunk_elements)
+        g = candidates.numel()
+        if g == 0:
+            return empty
+        steps = min(int(num_prototypes), g)
+        ua, ub = a[candidates], b[candidates]
+
+        cached_size = 2 * g * n * a.element_size()
+        if cache_bytes is None or cached_size <= cache_bytes:
+            picks = _pursuit_cached(a, b, ua, ub, steps, alpha, chunk_elements)
+        else:
+            picks = _pursuit_streamed(a, b, ua, ub, steps, alpha, chunk_elements)
+        return candidates[picks]
