@@ -6,7 +6,9 @@ training run in its own OUTPUT_DIR.
 import json
 import logging
 import os
-from typing import Dict, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Dict, List, Sequence, Tuple
 
 from detectron2.utils import comm
 
@@ -55,3 +57,67 @@ def train_and_evaluate(config_file: str, output_dir: str, opts: Sequence[str] = 
             json.dump(bbox, f, indent=1)
         os.replace(tmp, os.path.join(output_dir, RESULTS_FILE))
     return bbox
+
+
+def _stage_worker(name: str, config_file: str, output_dir: str, opts: Sequence[str], threads: int) -> Dict:
+    import torch
+    from detectron2.utils.logger import setup_logger
+
+    torch.set_num_threads(threads)
+    # the stage's name instead of "d2" in front of each log line, as two stages interleave
+    setup_logger(name="detectron2", abbrev_name=name)
+    setup_logger(name="d2kd", abbrev_name=name)
+    return train_and_evaluate(config_file, output_dir, opts)
+
+
+def run_stages(stages: List[Tuple[str, str, str, Sequence[str]]], parallel: bool = True) -> List[Dict]:
+    """Run independent ``(name, config_file, output_dir, opts)`` stages, side by side.
+
+    On a small CPU machine two single-threaded trainings finish sooner than the same two one
+    after the other with two threads each (small convolutions do not scale across cores).
+    Finished stages are reused without starting a process.
+    """
+    todo = [s for s in stages if stage_results(s[2]) is None]
+    if not parallel or len(todo) < 2:
+        return [train_and_evaluate(config, out, opts) for _, config, out, opts in stages]
+    threads = max(1, (os.cpu_count() or 2) // len(todo))
+    with ProcessPoolExecutor(len(todo), mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_stage_worker, *stage, threads) for stage in todo]
+        for f in futures:
+            f.result()  # re-raises a stage's error here
+    return [stage_results(out) for _, _, out, _ in stages]
+
+
+def run_comparison(teacher_config: str, student_config: str, distill_config: str, output_dir: str,
+                   seed: int, teacher_seed: int = 0, distill_name: str = "gk", distill_opts: Sequence[str] = ()):
+    """Teacher (``teacher_seed``), student alone and distilled student (``seed``), each a
+    resumable stage under ``output_dir``; the distilled student learns from that teacher.
+    The teacher and the student alone train side by side.
+
+    Returns:
+        (teacher, student, distilled) bbox metrics, and the teacher's checkpoint path.
+    """
+    teacher_dir = os.path.join(output_dir, f"teacher_seed{teacher_seed}")
+    teacher, student = run_stages([
+        ("teacher", teacher_config, teacher_dir, ["SEED", str(teacher_seed)]),
+        ("student", student_config, os.path.join(output_dir, f"student_seed{seed}"), ["SEED", str(seed)]),
+    ])
+    teacher_weights = os.path.join(teacher_dir, "model_final.pth")
+    distilled = train_and_evaluate(
+        distill_config,
+        os.path.join(output_dir, f"{distill_name}_seed{seed}"),
+        ["SEED", str(seed), "DISTILL.TEACHER.WEIGHTS", teacher_weights, *distill_opts],
+    )
+    return teacher, student, distilled, teacher_weights
+
+
+def comparison_table(teacher: Dict, student: Dict, distilled: Dict, name: str = "distilled (GK)") -> str:
+    """Markdown table of the three models plus the gain and the share of the gap closed."""
+    gain = distilled["AP"] - student["AP"]
+    gap = teacher["AP"] - student["AP"]
+    closed = f"{100 * gain / gap:.0f}%" if gap > 0 else "n/a (the teacher is not better)"
+    lines = ["| model | AP | AP50 | AP75 |", "|---|---|---|---|"]
+    for title, r in (("teacher", teacher), ("student alone", student), (name, distilled)):
+        lines.append(f"| {title} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['AP75']:.1f} |")
+    lines += ["", f"gain over the student alone: {gain:+.1f} AP; share of the teacher-student gap closed: {closed}"]
+    return "\n".join(lines)
