@@ -4,20 +4,19 @@
     python benchmarks/bench_shapes_seeds.py --seeds 0 1 2 --methods gk fitnet kd
 
 One teacher (seed 0) is trained once and shared, as a released teacher would be; the student
-alone and each distilled student are trained once per seed. Prints mean +- sample std of COCO
-AP per model, and each method's gain over the student alone against the seed-to-seed spread.
+alone and each distilled student are trained once per seed (stages run one per CPU core).
+Prints mean +- sample std of COCO AP per model, and each method's gain over the student alone.
 Stages are reused from --output-dir (default output/bench_shapes), so an interrupted run resumes.
 """
 import argparse
 import os
 import statistics
 
-import torch
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import d2kd  # noqa: E402,F401
-from d2kd.experiment import run_comparison  # noqa: E402
+from d2kd.data import ensure_shapes_generated  # noqa: E402
+from d2kd.experiment import run_stages  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "configs", "shapes")
@@ -42,27 +41,37 @@ def main():
     args = parser.parse_args()
     setup_logger(name="detectron2")
     setup_logger(name="d2kd")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    for split in ("d2kd_shapes_train", "d2kd_shapes_val"):
+        ensure_shapes_generated(split)
 
-    teacher_ap, student_ap, method_ap = None, {}, {m: {} for m in args.methods}
-    for seed in args.seeds:
-        for method in args.methods:
-            teacher, student, distilled, _ = run_comparison(
-                TEACHER, STUDENT, METHOD_CONFIGS[method], args.output_dir, seed, distill_name=method)
-            teacher_ap, student_ap[seed], method_ap[method][seed] = teacher["AP"], student["AP"], distilled["AP"]
+    out = args.output_dir
+    teacher_dir = os.path.join(out, "teacher_seed0")
+    students = [("student", STUDENT, os.path.join(out, f"student_seed{s}"), ["SEED", str(s)]) for s in args.seeds]
+    # the teacher first (beside the first student): every distilled student needs it
+    teacher, *_ = run_stages([("teacher", TEACHER, teacher_dir, ["SEED", "0"]), students[0]])
+    teacher_weights = os.path.join(teacher_dir, "model_final.pth")
+    distilled = [
+        (m, METHOD_CONFIGS[m], os.path.join(out, f"{m}_seed{s}"),
+         ["SEED", str(s), "DISTILL.TEACHER.WEIGHTS", teacher_weights])
+        for s in args.seeds for m in args.methods
+    ]
+    results = run_stages(students + distilled)
+    student_ap = [r["AP"] for r in results[: len(students)]]
+    method_ap = {m: [] for m in args.methods}
+    for (m, *_), r in zip(distilled, results[len(students):]):
+        method_ap[m].append(r["AP"])
 
-    s_mean, s_std = mean_std(list(student_ap.values()))
-    print(f"\nCOCO AP on d2kd_shapes_val, seeds {args.seeds} (teacher: one run, seed 0)\n")
-    print("| model | AP mean +- std | per seed | gain over student |")
+    s_mean, s_std = mean_std(student_ap)
+    print(f"\nCOCO AP on d2kd_shapes_val, seeds {args.seeds} (one teacher, seed 0)\n")
+    print("| model | AP mean ± std | per seed | gain over the student alone (mean ± std) |")
     print("|---|---|---|---|")
-    print(f"| teacher | {teacher_ap:.2f} | - | - |")
-    print(f"| student alone | {s_mean:.2f} +- {s_std:.2f} | {', '.join(f'{student_ap[s]:.2f}' for s in args.seeds)} | - |")
-    for method in args.methods:
-        values = [method_ap[method][s] for s in args.seeds]
-        m, sd = mean_std(values)
-        gains = [method_ap[method][s] - student_ap[s] for s in args.seeds]
-        g, gsd = mean_std(gains)
-        print(f"| {method} | {m:.2f} +- {sd:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {g:+.2f} +- {gsd:.2f} |")
+    print(f"| teacher | {teacher['AP']:.2f} | - | - |")
+    print(f"| student alone | {s_mean:.2f} ± {s_std:.2f} | {', '.join(f'{v:.2f}' for v in student_ap)} | - |")
+    for m in args.methods:
+        values = method_ap[m]
+        mean, std = mean_std(values)
+        g, gsd = mean_std([v - b for v, b in zip(values, student_ap)])
+        print(f"| {m} | {mean:.2f} ± {std:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {g:+.2f} ± {gsd:.2f} |")
 
 
 if __name__ == "__main__":

@@ -71,17 +71,20 @@ def _stage_worker(name: str, config_file: str, output_dir: str, opts: Sequence[s
 
 
 def run_stages(stages: List[Tuple[str, str, str, Sequence[str]]], parallel: bool = True) -> List[Dict]:
-    """Run independent ``(name, config_file, output_dir, opts)`` stages, side by side.
+    """Run independent ``(name, config_file, output_dir, opts)`` stages, one process per CPU
+    core at a time, and return their metrics in order.
 
     On a small CPU machine two single-threaded trainings finish sooner than the same two one
     after the other with two threads each (small convolutions do not scale across cores).
     Finished stages are reused without starting a process.
     """
     todo = [s for s in stages if stage_results(s[2]) is None]
-    if not parallel or len(todo) < 2:
+    workers = min(len(todo), os.cpu_count() or 1)
+    if not parallel or workers < 2:
         return [train_and_evaluate(config, out, opts) for _, config, out, opts in stages]
-    threads = max(1, (os.cpu_count() or 2) // len(todo))
-    with ProcessPoolExecutor(len(todo), mp_context=get_context("spawn")) as pool:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # a fresh process per stage: its own logger set-up, and memory returned when it ends
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
         futures = [pool.submit(_stage_worker, *stage, threads) for stage in todo]
         for f in futures:
             f.result()  # re-raises a stage's error here

@@ -16,7 +16,7 @@ def detections_side_by_side(
     image_files: List[str],
     dataset_name: str,
     out_png: str,
-    score_thresh: float = 0.5,
+    score_thresh: float = 0.4,
 ) -> str:
     """Write a grid: one row per image, one column per ``(title, cfg)`` model.
 

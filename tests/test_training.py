@@ -1,4 +1,5 @@
 """Training through DistillTrainer / train_net.py: checkpoints, resume, 2 CPU processes."""
+import json
 import os
 import subprocess
 import sys
@@ -119,3 +120,36 @@ def test_own_coco_dataset_through_the_documented_launcher(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "Evaluation results for bbox" in log
+
+
+def test_a_finished_stage_is_reused_and_an_interrupted_one_resumes(tmp_path, shapes_cache, monkeypatch):
+    """What `make demo` relies on to skip finished stages and resume interrupted ones."""
+    from d2kd import experiment
+
+    cfg = training_cfg(tmp_path, max_iter=4)
+    cfg.DATASETS.TEST = ("d2kd_shapes_val",)
+    config_file = write_yaml(cfg, tmp_path / "stage.yaml")
+    out = str(tmp_path / "stage")
+    # a run that stopped after its checkpoint at iteration 2, before evaluating
+    stopped = experiment.DistillTrainer(experiment.load_config(config_file, ["OUTPUT_DIR", out, "SOLVER.MAX_ITER", "2"]))
+    stopped.train()
+    assert experiment.stage_results(out) is None
+
+    starts = []
+    resume = experiment.DistillTrainer.resume_or_load
+
+    def recording_resume(self, resume_flag=True):
+        resume(self, resume=resume_flag)
+        starts.append(self.start_iter)
+
+    monkeypatch.setattr(experiment.DistillTrainer, "resume_or_load", lambda self, resume=True: recording_resume(self, resume))
+    results = experiment.train_and_evaluate(config_file, out)
+    assert starts == [2]
+    assert set(results) >= {"AP", "AP50", "AP75"}
+    assert json.dumps(experiment.stage_results(out)) == json.dumps(results)  # NaN-safe equality
+
+    def must_not_train(self):
+        raise AssertionError("a finished stage was trained again")
+
+    monkeypatch.setattr(experiment.DistillTrainer, "train", must_not_train)
+    assert json.dumps(experiment.train_and_evaluate(config_file, out)) == json.dumps(results)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
+from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.meta_arch.dense_detector import permute_to_N_HWA_K
 from detectron2.utils.events import get_event_storage
@@ -93,11 +94,27 @@ def build_distill_setup(cfg, student_backbone) -> DistillSetup:
 class DistillMixin:
     """Mixed into a detectron2 meta-architecture (before it in the MRO).
 
-    The subclass calls ``_init_distill(setup)`` after the detector's own ``__init__`` and,
-    in training, builds a :class:`DistillContext` and calls ``distill_losses(ctx)``.
+    Adds one constructor argument, ``distill`` (a :class:`DistillSetup` that ``from_config``
+    builds from ``cfg.DISTILL``), to the detector's own. In training the subclass builds a
+    :class:`DistillContext` and calls ``distill_losses(ctx)``.
     """
 
     student_kind = "other"
+
+    @configurable
+    def __init__(self, *, distill: DistillSetup, **kwargs):
+        super().__init__(**kwargs)
+        self.check_student()
+        self._init_distill(distill)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["distill"] = build_distill_setup(cfg, ret["backbone"])
+        return ret
+
+    def check_student(self):
+        """Raise if this student's configuration is one the training step cannot serve."""
 
     def _init_distill(self, setup: DistillSetup):
         self._teacher = _Hidden(setup.teacher)

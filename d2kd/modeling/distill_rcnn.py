@@ -2,13 +2,12 @@
 from typing import Dict, List
 
 import torch
-from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.roi_heads import StandardROIHeads
 from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
-from .distill_mixin import DistillMixin, DistillSetup, build_distill_setup, by_stride
+from .distill_mixin import DistillMixin, by_stride
 
 
 @META_ARCH_REGISTRY.register()
@@ -23,9 +22,7 @@ class DistillRCNN(DistillMixin, GeneralizedRCNN):
 
     student_kind = "rcnn"
 
-    @configurable
-    def __init__(self, *, distill: DistillSetup, **kwargs):
-        super().__init__(**kwargs)
+    def check_student(self):
         if type(self.roi_heads) is not StandardROIHeads or self.roi_heads.train_on_pred_boxes:
             # The training step below re-runs StandardROIHeads' box branch to keep its outputs;
             # cascades and predicted-box training would need their own path.
@@ -33,13 +30,6 @@ class DistillRCNN(DistillMixin, GeneralizedRCNN):
                 f"DistillRCNN supports MODEL.ROI_HEADS.NAME 'StandardROIHeads' without "
                 f"TRAIN_ON_PRED_BOXES as the student; got {type(self.roi_heads).__name__}"
             )
-        self._init_distill(distill)
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["distill"] = build_distill_setup(cfg, ret["backbone"])
-        return ret
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         if not self.training:

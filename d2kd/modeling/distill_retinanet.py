@@ -2,13 +2,12 @@
 from typing import Dict, List
 
 import torch
-from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
-from .distill_mixin import DistillMixin, DistillSetup, build_distill_setup, by_stride, dense_by_stride
+from .distill_mixin import DistillMixin, by_stride, dense_by_stride
 
 
 @META_ARCH_REGISTRY.register()
@@ -21,17 +20,6 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
     """
 
     student_kind = "dense"
-
-    @configurable
-    def __init__(self, *, distill: DistillSetup, **kwargs):
-        super().__init__(**kwargs)
-        self._init_distill(distill)
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["distill"] = build_distill_setup(cfg, ret["backbone"])
-        return ret
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         if not self.training:
