@@ -1,9 +1,9 @@
 """FitNet-style feature imitation over whole FPN maps (METHODS.md section 5)."""
 from typing import Dict
 
-import torch
 from torch import Tensor
 
+from ..prototypes.robust import robust_weight_map
 from .adapters import StrideAdapters
 from .base import DistillHead
 from .functional import crop_to_common
@@ -36,8 +36,6 @@ class FitNetHead(DistillHead):
             student, teacher = crop_to_common(self.adapters(s, ctx.student_features[s]), ctx.teacher_features[s])
             sq = (student.float() - teacher.float()) ** 2
             if self.robust:
-                from ..prototypes.robust import robust_weight_map
-
                 cell_weights = robust_weight_map(ctx, s, sq.shape[-2:], background=1.0)
                 sq = sq * cell_weights[:, None]
             total = total + sq.mean()

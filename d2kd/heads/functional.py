@@ -34,3 +34,14 @@ def crop_to_common(student: Tensor, teacher: Tensor) -> Tuple[Tensor, Tensor]:
 def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
     """mean(w * v) over the rows; 0 (still in the graph) when there are none."""
     return (values * weights).sum() / max(values.numel(), 1)
+
+
+def paired_class_logits(ctx) -> Tuple[Tensor, Tensor]:
+    """Both models' class logits on the same rows: the student's sampled RoIs (R-CNN, C+1
+    classes) or the positive anchors (RetinaNet, C classes), as (R, K) student and teacher."""
+    if ctx.proposals is not None:
+        return ctx.student_roi_logits, ctx.teacher_roi_logits
+    pos = ctx.positive_anchors
+    student = torch.cat([ctx.student_cls_logits[s] for s in sorted(ctx.student_cls_logits)], dim=1)
+    teacher = torch.cat([ctx.teacher_cls_logits[s] for s in sorted(ctx.teacher_cls_logits)], dim=1)
+    return student[pos], teacher[pos]

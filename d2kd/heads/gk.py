@@ -7,16 +7,15 @@ from fvcore.nn import smooth_l1_loss
 from torch import Tensor
 
 from ..prototypes.robust import (
-    anchor_robust_weights,
+    class_logit_row_weights,
     coverage_map,
     gt_features,
     gt_robust_weights,
     robust_weight_map,
-    roi_robust_weights,
 )
 from .adapters import StrideAdapters
 from .base import DistillHead
-from .functional import crop_to_common, kl_per_row, weighted_mean
+from .functional import crop_to_common, kl_per_row, paired_class_logits, weighted_mean
 from .registry import register_head
 
 
@@ -89,17 +88,10 @@ class GKHead(DistillHead):
         return losses
 
     def _response(self, ctx) -> Tensor:
-        if ctx.proposals is not None:
-            student, teacher = ctx.student_roi_logits, ctx.teacher_roi_logits
-            weights = roi_robust_weights(ctx)
-        else:
-            pos = (ctx.anchor_gt_labels >= 0) & (ctx.anchor_gt_labels != ctx.num_classes)
-            student = torch.cat([ctx.student_cls_logits[s] for s in sorted(ctx.student_cls_logits)], 1)[pos]
-            teacher = torch.cat([ctx.teacher_cls_logits[s] for s in sorted(ctx.teacher_cls_logits)], 1)[pos]
-            weights = anchor_robust_weights(ctx)[pos]
+        student, teacher = paired_class_logits(ctx)
         # METHODS.md 1.5: KL "mean over classes", so divide the per-row sum by the class count.
         kl = kl_per_row(student, teacher, self.temperature) / student.shape[-1]
-        return weighted_mean(kl, weights)
+        return weighted_mean(kl, class_logit_row_weights(ctx))
 
     def _log(self, ctx) -> None:
         bank = ctx.prototype_bank

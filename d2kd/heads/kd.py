@@ -4,8 +4,9 @@ from typing import Dict
 import torch
 from torch import Tensor
 
+from ..prototypes.robust import class_logit_row_weights
 from .base import DistillHead
-from .functional import kl_per_row, weighted_mean
+from .functional import kl_per_row, paired_class_logits, weighted_mean
 from .registry import register_head
 
 
@@ -32,21 +33,10 @@ class KDHead(DistillHead):
         self.requires = frozenset({"anchors" if is_retina else "roi"})
 
     def forward(self, ctx) -> Dict[str, Tensor]:
-        if ctx.proposals is not None:
-            student, teacher = ctx.student_roi_logits, ctx.teacher_roi_logits
-            weights = torch.ones(student.shape[0], device=student.device)
-            if self.robust:
-                from ..prototypes.robust import roi_robust_weights
-
-                weights = roi_robust_weights(ctx)
+        student, teacher = paired_class_logits(ctx)
+        if self.robust:
+            weights = class_logit_row_weights(ctx)
         else:
-            pos = (ctx.anchor_gt_labels >= 0) & (ctx.anchor_gt_labels != ctx.num_classes)
-            student = torch.cat([ctx.student_cls_logits[s] for s in sorted(ctx.student_cls_logits)], 1)[pos]
-            teacher = torch.cat([ctx.teacher_cls_logits[s] for s in sorted(ctx.teacher_cls_logits)], 1)[pos]
             weights = torch.ones(student.shape[0], device=student.device)
-            if self.robust:
-                from ..prototypes.robust import anchor_robust_weights
-
-                weights = anchor_robust_weights(ctx)[pos]
         loss = weighted_mean(kl_per_row(student, teacher, self.temperature), weights)
         return {self.loss_key(): loss * (self.weight * self.decay_factor(ctx))}

@@ -76,5 +76,10 @@ class DistillContext:
         return sorted(set(self.student_features) & set(self.teacher_features))
 
     @property
+    def positive_anchors(self) -> Tensor:
+        """(N, R) bool: anchors matched to a GT (neither background nor ignored)."""
+        return (self.anchor_gt_labels >= 0) & (self.anchor_gt_labels != self.num_classes)
+
+    @property
     def device(self) -> torch.device:
         return next(iter(self.student_features.values())).device

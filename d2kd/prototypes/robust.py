@@ -149,3 +149,10 @@ def anchor_robust_weights(ctx) -> Tensor:
         w = w_gt[flat] if len(w_gt) else torch.ones_like(index, dtype=torch.float32)
         ctx.cache["anchor_robust"] = torch.where(index >= 0, w, torch.ones_like(w))
     return ctx.cache["anchor_robust"]
+
+
+def class_logit_row_weights(ctx) -> Tensor:
+    """Robust weights aligned with ``heads.functional.paired_class_logits``' rows."""
+    if ctx.proposals is not None:
+        return roi_robust_weights(ctx)
+    return anchor_robust_weights(ctx)[ctx.positive_anchors]
