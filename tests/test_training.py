@@ -112,6 +112,7 @@ def test_own_coco_dataset_through_the_documented_launcher(tmp_path):
     cfg = training_cfg(tmp_path, max_iter=2)
     cfg.DATASETS.TRAIN = ("mydata_train",)
     cfg.DATASETS.TEST = ("mydata_val",)
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # a 2-iteration model must still predict boxes
     config_file = write_yaml(cfg, tmp_path / "mine.yaml")
     proc = subprocess.run(
         [sys.executable, str(launcher), "--config-file", config_file, "MODEL.DEVICE", "cpu"],
