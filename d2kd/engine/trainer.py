@@ -80,7 +80,7 @@ class DistillTrainer(DefaultTrainer):
 
             # Right after the timer: before the checkpointer, so a checkpoint taken at a refresh
             # iteration holds the new prototypes.
-            ret.insert(1, PrototypeRefreshHook(self.cfg, self))
+            ret.insert(1, PrototypeRefreshHook(self.cfg))
         return ret
 
     @classmethod

@@ -122,7 +122,7 @@ class PrototypeRefreshHook(HookBase):
     ranks hold identical prototypes.
     """
 
-    def __init__(self, cfg, trainer=None):
+    def __init__(self, cfg):
         node = cfg.DISTILL.PROTOTYPES
         self.start_iter = node.START_ITER
         self.period = node.PERIOD
