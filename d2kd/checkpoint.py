@@ -4,6 +4,8 @@ import os
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .atomic import atomic_write
+
 
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
     """Writes each checkpoint (and ``last_checkpoint``) to a temporary file, then renames it.
@@ -25,12 +27,12 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        _atomic_write(save_file, lambda f: torch.save(data, f), binary=True)
+        atomic_write(save_file, lambda f: torch.save(data, f))
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         path = os.path.join(self.save_dir, "last_checkpoint")
-        _atomic_write(path, lambda f: f.write(last_filename_basename), binary=False)
+        atomic_write(path, last_filename_basename)
 
     def _load_file(self, filename: str):
         try:
@@ -41,19 +43,6 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
                 "corrupt or not a checkpoint; to resume from an earlier one, write its file name "
                 f"into {os.path.join(self.save_dir or '<OUTPUT_DIR>', 'last_checkpoint')}"
             ) from e
-
-
-def _atomic_write(path: str, write, binary: bool) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class IncompatibleCheckpointError(ValueError):

@@ -12,6 +12,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from detectron2.utils import comm
 
+from .atomic import atomic_write
 from .config import load_config
 from .engine import DistillTrainer
 
@@ -52,10 +53,7 @@ def train_and_evaluate(config_file: str, output_dir: str, opts: Sequence[str] = 
         results = DistillTrainer.test(cfg, trainer.model)
     bbox = dict(next(iter(results.values()))["bbox"]) if "bbox" not in results else dict(results["bbox"])
     if comm.is_main_process():
-        tmp = os.path.join(output_dir, RESULTS_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(bbox, f, indent=1)
-        os.replace(tmp, os.path.join(output_dir, RESULTS_FILE))
+        atomic_write(os.path.join(output_dir, RESULTS_FILE), json.dumps(bbox, indent=1))
     return bbox
 
 

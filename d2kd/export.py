@@ -8,6 +8,8 @@ from typing import Tuple
 import torch
 from detectron2.config import CfgNode
 
+from .atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 # Distill meta-architecture -> the stock detectron2 one its student is.
@@ -64,14 +66,11 @@ def export_student(cfg: CfgNode, checkpoint_path: str, output_dir: str, name: st
     data = buffer.getvalue()
     digest = hashlib.md5(data).hexdigest()[:6]
     weights_path = os.path.join(output_dir, f"{name}_{digest}.pth")
-    with open(weights_path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(weights_path + ".tmp", weights_path)
+    atomic_write(weights_path, data)
 
     scfg = student_config(cfg)
     scfg.MODEL.WEIGHTS = os.path.abspath(weights_path)
     config_path = os.path.join(output_dir, "config.yaml")
-    with open(config_path, "w") as f:
-        f.write(scfg.dump())
+    atomic_write(config_path, scfg.dump())
     logger.info(f"Exported the student to {weights_path} and {config_path}")
     return weights_path, config_path

@@ -24,9 +24,12 @@ import d2kd  # noqa: E402,F401
 from d2kd.checkpoint import AtomicDetectionCheckpointer  # noqa: E402
 from d2kd.config import load_config  # noqa: E402
 from d2kd.prototypes import assign_box_strides  # noqa: E402
-from d2kd.prototypes.refresh_hook import collect_instance_features, prototype_source_dataset  # noqa: E402
-from detectron2.data import DatasetMapper, MetadataCatalog, get_detection_dataset_dicts  # noqa: E402
-from detectron2.data import transforms as T  # noqa: E402
+from d2kd.prototypes.refresh_hook import (  # noqa: E402
+    annotated_test_mapper,
+    collect_instance_features,
+    prototype_source_dataset,
+)
+from detectron2.data import MetadataCatalog, get_detection_dataset_dicts  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 
@@ -65,8 +68,7 @@ def robust_weight_histogram(model, cfg, num_images, output_dir):
     bank = model.prototype_bank
     dataset_name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else cfg.DATASETS.TRAIN[0]
     records = get_detection_dataset_dicts([dataset_name], filter_empty=True)[:num_images]
-    mapper = DatasetMapper(is_train=True, augmentations=[T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)],
-                           image_format=cfg.INPUT.FORMAT)
+    mapper = annotated_test_mapper(cfg)
     batches = ([mapper(r) for r in records[i: i + 8]] for i in range(0, len(records), 8))
     features = collect_instance_features(model, batches, min_size=0)
     fig, axes = plt.subplots(1, len(bank.strides), figsize=(3 * len(bank.strides), 2.6), squeeze=False)

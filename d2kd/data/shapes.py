@@ -22,6 +22,8 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from ..atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 # Bump when anything below changes what is generated: it names the cache directory.
@@ -266,13 +268,6 @@ def render_image(rng, size=IMAGE_SIZE):
     return image, objects
 
 
-def _write_atomic(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _split_info(split, num_images, seed, image_size):
     return {"description": f"d2kd synthetic shapes, {split}", "version": GENERATOR_VERSION,
             "num_images": num_images, "seed": seed, "image_size": image_size}
@@ -293,7 +288,7 @@ def generate_shapes_split(root, split, num_images, seed, image_size=IMAGE_SIZE):
         file_name = f"{i:06d}.png"
         ok, buf = cv2.imencode(".png", image)
         assert ok
-        _write_atomic(os.path.join(image_dir, file_name), buf.tobytes())
+        atomic_write(os.path.join(image_dir, file_name), buf.tobytes())
         images.append({"id": i + 1, "file_name": file_name,
                        "width": image_size, "height": image_size})
         for obj in objects:
@@ -309,7 +304,7 @@ def generate_shapes_split(root, split, num_images, seed, image_size=IMAGE_SIZE):
                        for i, n in enumerate(CLASSES)],
     }
     json_file = os.path.join(root, f"{split}.json")
-    _write_atomic(json_file, json.dumps(coco).encode("utf-8"))
+    atomic_write(json_file, json.dumps(coco))
     logger.info("Generated %d %s images (%d objects) under %s",
                 num_images, split, len(annotations), root)
     return json_file

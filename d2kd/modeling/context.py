@@ -27,8 +27,7 @@ class DistillContext:
         max_iter (int): the schedule's length (for loss-weight schedules).
 
         proposals (list[Instances]): R-CNN only. The student's sampled RoIs with
-            ``proposal_boxes``, ``gt_classes`` (C = background) and ``gt_boxes``; also
-            ``gt_index`` (index of the matched GT in its image, -1 for background).
+            ``proposal_boxes``, ``gt_classes`` (C = background) and ``gt_boxes``.
         student_roi_logits, teacher_roi_logits (Tensor): (R, C+1) on those same RoIs.
         student_roi_deltas, teacher_roi_deltas (Tensor): (R, 4*C) or (R, 4) box deltas.
 

@@ -224,13 +224,26 @@ class DistillMixin:
             return {}
         return {"loss_distill_idle": sum(p.sum() for p in params) * 0.0}
 
-    def make_context(self, **fields) -> DistillContext:
-        return DistillContext(
+    def make_context(self, batched_inputs, images, student_features: Dict[str, Tensor], gt_instances, **fields):
+        """Run the teacher's backbone and start the step's context with what every
+        meta-architecture shares; ``fields`` adds the meta-architecture's own.
+
+        Returns:
+            (DistillContext, dict[str, Tensor]): the context, and the teacher's name-keyed
+            FPN outputs (for its head passes).
+        """
+        teacher_features = self.teacher_backbone(batched_inputs)
+        ctx = DistillContext(
+            student_features=by_stride(self.backbone, student_features),
+            teacher_features=by_stride(self.teacher.backbone, teacher_features),
+            gt_instances=gt_instances,
+            image_sizes=images.image_sizes,
             iteration=get_event_storage().iter,
             max_iter=self._distill_max_iter,
             prototype_bank=self.prototype_bank,
             **fields,
         )
+        return ctx, teacher_features
 
     def distill_losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
         losses = {}

@@ -4,10 +4,9 @@ from typing import Dict, List
 import torch
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.roi_heads import StandardROIHeads
-from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
-from .distill_mixin import DistillMixin, by_stride
+from .distill_mixin import DistillMixin
 
 
 @META_ARCH_REGISTRY.register()
@@ -60,14 +59,10 @@ class DistillRCNN(DistillMixin, GeneralizedRCNN):
             losses.update(self.idle_distill_losses())
             return losses
 
-        teacher_features = self.teacher_backbone(batched_inputs)
-        ctx = self.make_context(
-            student_features=by_stride(self.backbone, features),
-            teacher_features=by_stride(self.teacher.backbone, teacher_features),
-            gt_instances=gt_instances,
-            image_sizes=images.image_sizes,
+        ctx, teacher_features = self.make_context(
+            batched_inputs, images, features, gt_instances,
             num_classes=roi_heads.num_classes,
-            proposals=_with_gt_index(sampled, gt_instances, roi_heads.num_classes),
+            proposals=sampled,
             student_roi_logits=scores,
             student_roi_deltas=deltas,
         )
@@ -78,19 +73,3 @@ class DistillRCNN(DistillMixin, GeneralizedRCNN):
         losses.update(self.distill_losses(ctx))
         return losses
 
-
-@torch.no_grad()
-def _with_gt_index(proposals: List[Instances], gt_instances: List[Instances], num_classes: int):
-    """Add ``gt_index`` (index of the matched GT in its image, -1 for background) to each RoI.
-
-    ``label_and_sample_proposals`` copies the matched GT's fields but not its index; a
-    foreground RoI's ``gt_boxes`` is an exact copy of its GT's box, so equality recovers it.
-    """
-    for props, gts in zip(proposals, gt_instances):
-        index = torch.full((len(props),), -1, dtype=torch.long, device=props.gt_classes.device)
-        fg = props.gt_classes != num_classes
-        if len(gts) > 0 and fg.any():
-            same = (props.gt_boxes.tensor[fg, None, :] == gts.gt_boxes.tensor[None, :, :]).all(-1)
-            index[fg] = same.float().argmax(dim=1)
-        props.gt_index = index
-    return proposals

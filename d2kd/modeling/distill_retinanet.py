@@ -7,7 +7,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNet
 from detectron2.structures import Boxes, pairwise_iou
 from detectron2.utils.events import get_event_storage
 
-from .distill_mixin import DistillMixin, by_stride, dense_by_stride
+from .distill_mixin import DistillMixin, dense_by_stride
 
 
 @META_ARCH_REGISTRY.register()
@@ -43,13 +43,9 @@ class DistillRetinaNet(DistillMixin, RetinaNet):
             losses.update(self.idle_distill_losses())
             return losses
 
-        teacher_features = self.teacher_backbone(batched_inputs)
         strides = [self.backbone.output_shape()[f].stride for f in self.head_in_features]
-        ctx = self.make_context(
-            student_features=by_stride(self.backbone, named_features),
-            teacher_features=by_stride(self.teacher.backbone, teacher_features),
-            gt_instances=gt_instances,
-            image_sizes=images.image_sizes,
+        ctx, teacher_features = self.make_context(
+            batched_inputs, images, named_features, gt_instances,
             num_classes=self.num_classes,
             anchors=dict(zip(strides, anchors)),
             anchor_gt_labels=torch.stack(gt_labels),

@@ -88,6 +88,15 @@ def merge_feature_sets(sets: List[InstanceFeatureSets]) -> InstanceFeatureSets:
     return _concat(merged)
 
 
+def annotated_test_mapper(cfg) -> DatasetMapper:
+    """Maps dataset dicts as at test time (test-size resize, no flip) but keeps the GT boxes."""
+    return DatasetMapper(
+        is_train=True,  # keeps the annotations; the only augmentation is the test-time resize
+        augmentations=[T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)],
+        image_format=cfg.INPUT.FORMAT,
+    )
+
+
 def prototype_source_dataset(names) -> List[dict]:
     """The list that prototype sources index into: ``DATASETS.TRAIN``, images with boxes."""
     return get_detection_dataset_dicts(names, filter_empty=True)
@@ -132,11 +141,7 @@ class PrototypeRefreshHook(HookBase):
         self.batch_size = max(1, cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
         self._dataset_names = cfg.DATASETS.TRAIN
         self._dataset = None
-        self._mapper = DatasetMapper(
-            is_train=True,  # keeps the annotations; the augmentation is the test-time resize
-            augmentations=[T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)],
-            image_format=cfg.INPUT.FORMAT,
-        )
+        self._mapper = annotated_test_mapper(cfg)
 
     def _model(self):
         model = self.trainer.model

@@ -125,46 +125,55 @@ def _coefficients(p: Tensor, q: Tensor, alpha: float):
     return (s + p) / (1.0 + 2.0 * alpha), (s + q) / (1.0 + 2.0 * alpha)
 
 
-def _pursuit_cached(a: Tensor, b: Tensor, ua: Tensor, ub: Tensor, steps: int, alpha: float,
-                    chunk_elements: int) -> Tensor:
-    g = ua.shape[0]
-    p_all = ua @ a.T  # (G, N): p for every candidate atom and instance
-    q_all = ub @ b.T
-    taken = torch.zeros(g, dtype=torch.bool, device=a.device)
-    positions = torch.arange(g, device=a.device)
-    rows = _rows_per_chunk(a.shape[0], chunk_elements)
+class _CachedProducts:
+    """P = U_a R_a^T and Q = U_b R_b^T for every candidate, kept and updated in place:
+    removing atom k from every residual is a rank-1 update of P and Q. Memory O(G N)."""
+
+    def __init__(self, a: Tensor, b: Tensor, ua: Tensor, ub: Tensor):
+        self.ua, self.ub = ua, ub
+        self.p, self.q = ua @ a.T, ub @ b.T  # (G, N)
+
+    def products(self, lo: int, hi: int):
+        return self.p[lo:hi], self.q[lo:hi]
+
+    def remove(self, k: Tensor, alpha: float) -> None:
+        wa, wb = _coefficients(self.p.index_select(0, k)[0], self.q.index_select(0, k)[0], alpha)
+        # r_n <- r_n - w_n u*  =>  (U r_n) <- (U r_n) - w_n (U u*)
+        self.p.addr_(self.ua @ self.ua.index_select(0, k)[0], wa, alpha=-1.0)
+        self.q.addr_(self.ub @ self.ub.index_select(0, k)[0], wb, alpha=-1.0)
+
+
+class _StreamedResiduals:
+    """The residuals themselves; P and Q are recomputed per chunk of candidates each step.
+    Memory O(N D + chunk N), for N too large to cache G x N products."""
+
+    def __init__(self, a: Tensor, b: Tensor, ua: Tensor, ub: Tensor):
+        self.ua, self.ub = ua, ub
+        self.ra, self.rb = a.clone(), b.clone()  # (N, D_s), (N, D_t)
+
+    def products(self, lo: int, hi: int):
+        return self.ua[lo:hi] @ self.ra.T, self.ub[lo:hi] @ self.rb.T
+
+    def remove(self, k: Tensor, alpha: float) -> None:
+        u, v = self.ua.index_select(0, k)[0], self.ub.index_select(0, k)[0]
+        wa, wb = _coefficients(self.ra @ u, self.rb @ v, alpha)
+        self.ra.addr_(wa, u, alpha=-1.0)
+        self.rb.addr_(wb, v, alpha=-1.0)
+
+
+def _pursuit(state, num_candidates: int, num_instances: int, steps: int, alpha: float,
+             chunk_elements: int, device) -> Tensor:
+    """Matching pursuit over candidate atoms; ``state`` supplies inner products and updates."""
+    taken = torch.zeros(num_candidates, dtype=torch.bool, device=device)
+    positions = torch.arange(num_candidates, device=device)
+    rows = _rows_per_chunk(num_instances, chunk_elements)
     chosen = []
     for _ in range(steps):
         gain = torch.cat([
-            _gain(p_all[s:s + rows], q_all[s:s + rows], alpha) for s in range(0, g, rows)
+            _gain(*state.products(s, s + rows), alpha) for s in range(0, num_candidates, rows)
         ])
         k = _pick(gain, taken, positions)
-        wa, wb = _coefficients(p_all.index_select(0, k)[0], q_all.index_select(0, k)[0], alpha)
-        # r_n <- r_n - w_n u*  =>  (U r_n) <- (U r_n) - w_n (U u*): a rank-1 update.
-        p_all.addr_(ua @ ua.index_select(0, k)[0], wa, alpha=-1.0)
-        q_all.addr_(ub @ ub.index_select(0, k)[0], wb, alpha=-1.0)
-        taken.index_fill_(0, k, True)
-        chosen.append(k)
-    return torch.cat(chosen)
-
-
-def _pursuit_streamed(a: Tensor, b: Tensor, ua: Tensor, ub: Tensor, steps: int, alpha: float,
-                      chunk_elements: int) -> Tensor:
-    g = ua.shape[0]
-    ra, rb = a.clone(), b.clone()  # residuals, (N, D_s) and (N, D_t)
-    taken = torch.zeros(g, dtype=torch.bool, device=a.device)
-    positions = torch.arange(g, device=a.device)
-    rows = _rows_per_chunk(a.shape[0], chunk_elements)
-    chosen = []
-    for _ in range(steps):
-        gain = torch.cat([
-            _gain(ua[s:s + rows] @ ra.T, ub[s:s + rows] @ rb.T, alpha) for s in range(0, g, rows)
-        ])
-        k = _pick(gain, taken, positions)
-        u, v = ua.index_select(0, k)[0], ub.index_select(0, k)[0]
-        wa, wb = _coefficients(ra @ u, rb @ v, alpha)
-        ra.addr_(wa, u, alpha=-1.0)
-        rb.addr_(wb, v, alpha=-1.0)
+        state.remove(k, alpha)
         taken.index_fill_(0, k, True)
         chosen.append(k)
     return torch.cat(chosen)
@@ -265,8 +274,7 @@ def select_prototypes(
         ua, ub = a[candidates], b[candidates]
 
         cached_size = 2 * g * n * a.element_size()
-        if cache_bytes is None or cached_size <= cache_bytes:
-            picks = _pursuit_cached(a, b, ua, ub, steps, alpha, chunk_elements)
-        else:
-            picks = _pursuit_streamed(a, b, ua, ub, steps, alpha, chunk_elements)
+        cached = cache_bytes is None or cached_size <= cache_bytes
+        state = (_CachedProducts if cached else _StreamedResiduals)(a, b, ua, ub)
+        picks = _pursuit(state, g, n, steps, alpha, chunk_elements, a.device)
         return candidates[picks]
