@@ -16,16 +16,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import d2kd  # noqa: E402,F401
 from d2kd.data import ensure_shapes_generated  # noqa: E402
-from d2kd.experiment import run_stages  # noqa: E402
+from d2kd.utils.experiment import run_stages  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "configs", "shapes")
-TEACHER = os.path.join(CONFIGS, "faster_rcnn_teacher_shapes.yaml")
-STUDENT = os.path.join(CONFIGS, "faster_rcnn_student_shapes.yaml")
+TEACHER = os.path.join(CONFIGS, "faster_rcnn_R_18_FPN_1k_shapes.yaml")
+STUDENT = os.path.join(CONFIGS, "faster_rcnn_R_18_half_FPN_1k_shapes.yaml")
 METHOD_CONFIGS = {
-    "gk": os.path.join(CONFIGS, "gk_faster_rcnn_shapes.yaml"),
-    "fitnet": os.path.join(CONFIGS, "fitnet_faster_rcnn_shapes.yaml"),
-    "kd": os.path.join(CONFIGS, "kd_faster_rcnn_shapes.yaml"),
+    "gk": os.path.join(CONFIGS, "gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"),
+    "fitnet": os.path.join(CONFIGS, "fitnet_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"),
+    "kd": os.path.join(CONFIGS, "kd_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"),
 }
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, REPO)  # run from a checkout without installing
 
 import d2kd  # noqa: E402,F401
 from d2kd.config import load_config  # noqa: E402
-from d2kd.prototypes.refresh_hook import collect_instance_features, rebuild_bank  # noqa: E402
+from d2kd.engine.prototype_refresh import collect_instance_features, rebuild_bank  # noqa: E402
 from detectron2.data import build_detection_train_loader  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
@@ -55,11 +55,11 @@ def main():
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp()
-    teacher_cfg = load_config(os.path.join(CONFIGS, "faster_rcnn_teacher_shapes.yaml"), ["MODEL.DEVICE", args.device])
+    teacher_cfg = load_config(os.path.join(CONFIGS, "faster_rcnn_R_18_FPN_1k_shapes.yaml"), ["MODEL.DEVICE", args.device])
     torch.save({"model": build_model(teacher_cfg).state_dict()}, os.path.join(tmp, "teacher.pth"))
 
     def distill_cfg(heads):
-        return load_config(os.path.join(CONFIGS, "gk_faster_rcnn_shapes.yaml"), [
+        return load_config(os.path.join(CONFIGS, "gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"), [
             "MODEL.DEVICE", args.device, "DISTILL.TEACHER.WEIGHTS", os.path.join(tmp, "teacher.pth"),
             "DISTILL.HEADS", str(list(heads)), "DISTILL.SCHEDULE.START_ITER", "0"])
 
@@ -79,7 +79,7 @@ def main():
         return step
 
     rows = []
-    student = build_model(load_config(os.path.join(CONFIGS, "faster_rcnn_student_shapes.yaml"), ["MODEL.DEVICE", args.device]))
+    student = build_model(load_config(os.path.join(CONFIGS, "faster_rcnn_R_18_half_FPN_1k_shapes.yaml"), ["MODEL.DEVICE", args.device]))
     student.train()
     base = time_steps(trainer_step(student), batches, args.device)
     rows.append(("student alone", base))

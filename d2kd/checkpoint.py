@@ -4,7 +4,7 @@ import os
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .atomic import atomic_write
+from .utils.atomic import atomic_write
 
 
 class AtomicDetectionCheckpointer(DetectionCheckpointer):

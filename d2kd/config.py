@@ -62,7 +62,8 @@ def add_distill_config(cfg):
     # Iteration of the first build, and rebuild period in iterations (0: never rebuild).
     _C.DISTILL.PROTOTYPES.START_ITER = 0
     _C.DISTILL.PROTOTYPES.PERIOD = 0
-    # Training images sampled per build, and the smallest box side (px) that is kept.
+    # Images sampled per class (each holds the class), fixed for the whole run; boxes whose
+    # width and height exceed MIN_SIZE original-image pixels are used (the authors: 800, 30).
     _C.DISTILL.PROTOTYPES.MAX_IMAGES = 800
     _C.DISTILL.PROTOTYPES.MIN_SIZE = 30
     # Strides whose prototypes are built; empty means every stride both models have.
@@ -79,10 +80,56 @@ def add_distill_config(cfg):
     _C.DISTILL.GK.BG_WEIGHT = 4.0
     _C.DISTILL.GK.TEMPERATURE = 2.0
     _C.DISTILL.GK.STRIDES = []
-    _C.DISTILL.GK.ADAPTER_KERNEL = 1
+    # Student-side adapter before the feature term: a kernel x kernel conv, then "relu",
+    # "none", or "auto" (the authors': none for two-stage students, ReLU for dense ones).
+    _C.DISTILL.GK.ADAPTER_KERNEL = 3
+    _C.DISTILL.GK.ADAPTER_ACTIVATION = "auto"
+    # Instances for the mask, robust weights and global term: "positive_rois" (the student's
+    # foreground sampled RoIs with their matched classes, the authors' Faster R-CNN choice),
+    # "gt" (GT boxes), or "auto" (positive_rois for two-stage students, gt for dense ones).
+    _C.DISTILL.GK.INSTANCES = "auto"
+    # Rows of the response KL for two-stage students: "positive" RoIs (authors) or "all".
+    _C.DISTILL.GK.RESPONSE_ROIS = "positive"
+    # Feature term over levels: "mean", "sum", or "auto" (authors: mean two-stage, sum dense).
+    _C.DISTILL.GK.LEVEL_REDUCTION = "auto"
     # Follow DISTILL.SCHEDULE.LINEAR_DECAY (the reference decays global and feature terms only).
     _C.DISTILL.GK.DECAY = True
     return cfg
+
+
+class TeacherConfigError(ValueError):
+    """The teacher's config or checkpoint cannot serve the student (the message says why)."""
+
+
+def resolve_teacher_config_file(name: str, relative_to: str = "") -> str:
+    """The one place a ``DISTILL.TEACHER.CONFIG_FILE`` value becomes a readable local path.
+
+    Tried in order: a path relative to ``relative_to`` (the directory of the yaml that wrote
+    it, as detectron2 resolves ``_BASE_``), a path as given (absolute or relative to the
+    working directory), a detectron2 model-zoo config name.
+    """
+    import os
+
+    if not name:
+        raise TeacherConfigError(
+            "DISTILL.TEACHER.CONFIG_FILE is empty: set it to the teacher's yaml, or to a "
+            "detectron2 model-zoo name such as COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml"
+        )
+    if relative_to and not os.path.isabs(name):
+        beside = os.path.join(relative_to, name)
+        if os.path.isfile(beside):
+            return os.path.abspath(beside)
+    if os.path.isfile(name):
+        return os.path.abspath(name)
+    from detectron2 import model_zoo
+
+    try:
+        return model_zoo.get_config_file(name)
+    except RuntimeError:
+        raise TeacherConfigError(
+            f"DISTILL.TEACHER.CONFIG_FILE = '{name}' is neither an existing file nor a "
+            "detectron2 model-zoo config name (e.g. COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml)"
+        ) from None
 
 
 def load_config(config_file: str, opts=()):
@@ -90,7 +137,8 @@ def load_config(config_file: str, opts=()):
 
     A relative ``DISTILL.TEACHER.CONFIG_FILE`` written in a yaml is resolved against that
     yaml's directory (like detectron2's ``_BASE_``), so configs work from any working
-    directory; one given in ``opts`` is taken as the user typed it.
+    directory; one given in ``opts`` is taken as the user typed it. Model-zoo names are kept
+    as names (resolved when the teacher is built).
     """
     import os
 
@@ -103,6 +151,6 @@ def load_config(config_file: str, opts=()):
     if teacher and not os.path.isabs(teacher):
         beside = os.path.join(os.path.dirname(os.path.abspath(config_file)), teacher)
         if os.path.isfile(beside):
-            cfg.DISTILL.TEACHER.CONFIG_FILE = beside
+            cfg.DISTILL.TEACHER.CONFIG_FILE = resolve_teacher_config_file(beside)
     cfg.merge_from_list(list(opts))
     return cfg

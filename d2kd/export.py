@@ -8,27 +8,23 @@ from typing import Tuple
 import torch
 from detectron2.config import CfgNode
 
-from .atomic import atomic_write
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from .modeling.kinds import plain_meta_arch_of
+from .utils.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
-# Distill meta-architecture -> the stock detectron2 one its student is.
-PLAIN_META_ARCH = {"DistillRCNN": "GeneralizedRCNN", "DistillRetinaNet": "RetinaNet"}
 # State that belongs to distillation, not to the student.
 DISTILL_STATE_PREFIXES = ("distill_heads.", "prototype_bank.")
 
 
 def student_config(cfg: CfgNode) -> CfgNode:
     """The student's own config: a vanilla meta-architecture and no ``DISTILL`` node."""
-    arch = cfg.MODEL.META_ARCHITECTURE
-    if arch not in PLAIN_META_ARCH:
-        raise ValueError(
-            f"MODEL.META_ARCHITECTURE is {arch}; export expects a distillation config "
-            f"({', '.join(PLAIN_META_ARCH)})"
-        )
     out = cfg.clone()
     out.defrost()
-    out.MODEL.META_ARCHITECTURE = PLAIN_META_ARCH[arch]
+    out.MODEL.META_ARCHITECTURE = plain_meta_arch_of(cfg.MODEL.META_ARCHITECTURE)
     if "DISTILL" in out:
         del out["DISTILL"]
     return out
@@ -74,3 +70,19 @@ def export_student(cfg: CfgNode, checkpoint_path: str, output_dir: str, name: st
     atomic_write(config_path, scfg.dump())
     logger.info(f"Exported the student to {weights_path} and {config_path}")
     return weights_path, config_path
+
+
+class StudentCheckpointer(DetectionCheckpointer):
+    """Loads a d2kd training checkpoint into the plain student, leaving out what belongs to
+    distillation (adapters, prototypes) instead of reporting it as unexpected keys."""
+
+    def _load_model(self, checkpoint):
+        model_state = checkpoint.get("model", {})
+        checkpoint["model"] = {k: v for k, v in model_state.items() if not k.startswith(DISTILL_STATE_PREFIXES)}
+        return super()._load_model(checkpoint)
+
+
+def build_student(cfg: CfgNode):
+    """The student of a distillation config as the plain detector it is, without building or
+    loading the teacher (evaluation and export never run it); weights not loaded."""
+    return build_model(student_config(cfg))

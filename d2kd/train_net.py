@@ -1,6 +1,6 @@
 """Train or evaluate a distilled detector, detectron2-style (the repository's train_net.py).
 
-    python train_net.py --config-file configs/gk_faster_r50.yaml --num-gpus 8
+    python train_net.py --config-file configs/gk_faster_rcnn_R_50_FPN_2x_coco.yaml --num-gpus 8
     python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file <cfg> --resume          # continue from OUTPUT_DIR
     python train_net.py --config-file <cfg> --num-gpus 2 MODEL.DEVICE cpu   # 2 CPU processes
@@ -16,6 +16,8 @@ from detectron2.utils import comm
 from .checkpoint import AtomicDetectionCheckpointer
 from .config import load_config
 from .engine import DistillTrainer
+from .export import StudentCheckpointer, build_student
+from .modeling.kinds import is_distill_meta_arch
 
 
 def setup(args):
@@ -28,10 +30,14 @@ def setup(args):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        model = DistillTrainer.build_model(cfg)
-        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        if is_distill_meta_arch(cfg.MODEL.META_ARCHITECTURE):
+            # Inference is the student alone: no teacher is built or loaded.
+            model = build_student(cfg)
+            checkpointer = StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        else:
+            model = DistillTrainer.build_model(cfg)
+            checkpointer = AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = DistillTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -153,3 +153,50 @@ def training_cfg(tmp_path, heads=("fitnet",), max_iter=4):
     cfg.SOLVER.CHECKPOINT_PERIOD = 2
     cfg.OUTPUT_DIR = str(tmp_path / "out")
     return cfg
+
+
+class FakeStepOutputs:
+    """A hand-made step for head unit tests: features, optional RoIs with both models'
+    logits (the teacher's box head answers by looking its boxes up among the RoIs)."""
+
+    def __init__(self, student_features, teacher_features, rois=None, teacher_logits=None):
+        self.student_features, self.teacher_features = student_features, teacher_features
+        self._rois, self._teacher_logits = rois, teacher_logits
+        self.common_strides = sorted(set(student_features) & set(teacher_features))
+        self.device = torch.device("cpu")
+
+    def features(self, side):
+        return self.student_features if side == "student" else self.teacher_features
+
+    def rois(self):
+        return self._rois
+
+    def teacher_box_head(self, boxes):
+        wanted = torch.cat([b.tensor for b in boxes])
+        rows = [int((self._rois.boxes == box).all(dim=1).nonzero()[0]) for box in wanted]
+        return self._teacher_logits[rows], None
+
+
+def fake_context(student_features, teacher_features, gt_instances, num_classes, rois=None,
+                 teacher_logits=None, strides=(8, 16)):
+    from d2kd.structures import DistillContext
+
+    outputs = FakeStepOutputs(student_features, teacher_features, rois, teacher_logits)
+    return DistillContext(outputs, gt_instances=gt_instances, num_classes=num_classes, student_strides=list(strides))
+
+
+def sampled_rois(proposals, logits, num_classes):
+    """SampledRoIs from per-image proposals with ``gt_classes`` (and a ``gt_index`` field)."""
+    from d2kd.structures import SampledRoIs
+
+    boxes = torch.cat([p.proposal_boxes.tensor for p in proposals])
+    return SampledRoIs(
+        proposals=proposals,
+        boxes=boxes,
+        batch=torch.cat([torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(proposals)]),
+        labels=torch.cat([p.gt_classes for p in proposals]),
+        gt_index=torch.cat([p.gt_index for p in proposals]),
+        student_logits=logits,
+        student_deltas=None,
+        num_classes=num_classes,
+    )

@@ -1,32 +1,65 @@
-"""Every shipped config loads, and its teacher config resolves with a matching label space."""
+"""Every shipped config loads, follows the naming scheme, and its teacher config resolves with
+a matching label space."""
 import glob
 import os
+import re
 
 import pytest
+from detectron2.modeling import META_ARCH_REGISTRY
 
 from d2kd.config import load_config
-from d2kd.modeling.teacher import build_teacher_cfg, num_classes_of
+from d2kd.modeling import DENSE, TWO_STAGE
+from d2kd.modeling.kinds import is_distill_meta_arch
+from d2kd.modeling.teacher import build_teacher_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
+LEAVES = [p for p in CONFIGS if not os.path.basename(p).startswith("Base-")]
+NAME = re.compile(r"^([a-z]+_)?(faster_rcnn|retinanet)_R_\d+(_half)?_FPN_\w+_(coco|voc|shapes)\.yaml$")
+
+
+def config_classes(cfg) -> int:
+    kind = getattr(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), "kind", None)
+    if kind is None:
+        kind = DENSE if "RetinaNet" == cfg.MODEL.META_ARCHITECTURE else TWO_STAGE
+    return cfg.MODEL.ROI_HEADS.NUM_CLASSES if kind is TWO_STAGE else cfg.MODEL.RETINANET.NUM_CLASSES
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.relpath(p, REPO) for p in CONFIGS])
 def test_config_loads_from_any_working_directory(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(path)
-    if cfg.MODEL.META_ARCHITECTURE.startswith("Distill") and not os.path.basename(path).startswith("Base-"):
+    if is_distill_meta_arch(cfg.MODEL.META_ARCHITECTURE) and not os.path.basename(path).startswith("Base-"):
         assert cfg.DISTILL.HEADS, "a distillation config enables at least one head"
         teacher = build_teacher_cfg(cfg)
-        assert num_classes_of(teacher) == num_classes_of(cfg)
+        assert config_classes(teacher) == config_classes(cfg)
         assert cfg.DISTILL.TEACHER.WEIGHTS or "shapes" in path
 
 
+@pytest.mark.parametrize("path", LEAVES, ids=[os.path.relpath(p, REPO) for p in LEAVES])
+def test_config_names_follow_the_scheme_and_plain_configs_stay_plain(path):
+    name = os.path.basename(path)
+    assert NAME.match(name), f"{name}: expected <method>_<arch>_R_<depth>_FPN_<schedule>_<data>.yaml"
+    cfg = load_config(path)
+    method = name.split("_")[0]
+    if method in ("faster", "retinanet"):  # a plain detector (a teacher or a student alone)
+        assert not is_distill_meta_arch(cfg.MODEL.META_ARCHITECTURE)
+        with open(path) as f:
+            assert "Distill" not in f.read(), "plain configs do not inherit from a Distill base"
+    else:
+        assert is_distill_meta_arch(cfg.MODEL.META_ARCHITECTURE)
+        assert method in cfg.DISTILL.HEADS
+
+
 def test_coco_gk_config_is_the_documented_one():
-    cfg = load_config(os.path.join(REPO, "configs", "gk_faster_r50.yaml"))
+    cfg = load_config(os.path.join(REPO, "configs", "gk_faster_rcnn_R_50_FPN_2x_coco.yaml"))
     assert cfg.MODEL.META_ARCHITECTURE == "DistillRCNN"
     assert cfg.DISTILL.TEACHER.CONFIG_FILE == "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml"
     assert cfg.DISTILL.TEACHER.WEIGHTS.startswith("detectron2://COCO-Detection/faster_rcnn_R_101_FPN_3x/")
     assert cfg.MODEL.RESNETS.DEPTH == 50 and "ImageNetPretrained" in cfg.MODEL.WEIGHTS
-    assert (cfg.DISTILL.GK.GLOBAL_WEIGHT, cfg.DISTILL.GK.FEATURE_WEIGHT, cfg.DISTILL.GK.RESPONSE_WEIGHT) == (1.0, 1.0, 5.0)
+    gk = cfg.DISTILL.GK
+    assert (gk.GLOBAL_WEIGHT, gk.FEATURE_WEIGHT, gk.RESPONSE_WEIGHT) == (1.0, 1.0, 5.0)
+    assert (gk.FG_WEIGHT, gk.BG_WEIGHT) == (1.0, 4.0)
+    assert (gk.INSTANCES, gk.RESPONSE_ROIS, gk.ADAPTER_KERNEL) == ("auto", "positive", 3)
     assert cfg.DISTILL.PROTOTYPES.NUM == 10 and cfg.DISTILL.PROTOTYPES.ALPHA == 10.0
+    assert (cfg.DISTILL.PROTOTYPES.MAX_IMAGES, cfg.DISTILL.PROTOTYPES.MIN_SIZE) == (800, 30)

@@ -8,10 +8,9 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from torch import nn
 
-from conftest import distill_cfg, random_batch, training_cfg
-from d2kd.modeling.context import DistillContext
+from conftest import distill_cfg, fake_context, random_batch, sampled_rois, training_cfg
 from d2kd.prototypes.bank import PrototypeBank
-from d2kd.prototypes.refresh_hook import collect_instance_features, rebuild_bank
+from d2kd.engine.prototype_refresh import collect_instance_features, rebuild_bank
 
 
 def test_robust_weights_lie_in_0_1_and_are_1_without_prototypes():
@@ -38,24 +37,24 @@ def _identical_context(num_classes=3):
     torch.manual_seed(0)
     feats = {s: torch.rand(2, 8, 64 // s, 80 // s) for s in (8, 16)}
     batch = random_batch(num_classes=num_classes)
-    logits = torch.randn(20, num_classes + 1)
+    logits = torch.randn(12, num_classes + 1)
     from detectron2.structures import Boxes, Instances
 
     props = []
     for x in batch:
         p = Instances(x["instances"].image_size)
-        p.proposal_boxes = Boxes(torch.cat([x["instances"].gt_boxes.tensor, x["instances"].gt_boxes.tensor + 2]))
+        gt = x["instances"].gt_boxes.tensor
+        p.proposal_boxes = Boxes(torch.cat([gt, gt + 2]))
         p.gt_classes = torch.cat([x["instances"].gt_classes, torch.full((3,), num_classes)])
+        p.gt_index = torch.cat([torch.arange(3), torch.full((3,), -1)])
         props.append(p)
-    ctx = DistillContext(
-        student_features={s: f.clone().requires_grad_() for s, f in feats.items()},
-        teacher_features={s: f.clone() for s, f in feats.items()},
-        gt_instances=[x["instances"] for x in batch],
-        image_sizes=[(64, 80)] * 2,
-        num_classes=num_classes,
-        proposals=props,
-        student_roi_logits=logits[:12].clone().requires_grad_(),
-        teacher_roi_logits=logits[:12].clone(),
+    ctx = fake_context(
+        {s: f.clone().requires_grad_() for s, f in feats.items()},
+        {s: f.clone() for s, f in feats.items()},
+        [x["instances"] for x in batch],
+        num_classes,
+        rois=sampled_rois(props, logits.clone().requires_grad_(), num_classes),
+        teacher_logits=logits.clone(),
     )
     return ctx
 
@@ -67,11 +66,11 @@ def _gk_head(tmp_path):
 
     shapes = {s: ShapeSpec(channels=8, stride=s) for s in (8, 16)}
     head = GKHead(cfg, shapes, shapes)
-    for adapter in head.adapters.adapters.values():  # conv + ReLU made the identity on x >= 0
-        conv = adapter[0]
+    for conv in head.adapters.adapters.values():  # two-stage adapter: a 3x3 conv, made the identity
         nn.init.zeros_(conv.bias)
         with torch.no_grad():
-            conv.weight.copy_(torch.eye(8)[:, :, None, None])
+            conv.weight.zero_()
+            conv.weight[:, :, 1, 1] = torch.eye(8)
     return cfg, head, shapes
 
 
@@ -96,9 +95,10 @@ def test_gk_losses_are_zero_when_student_and_teacher_agree(tmp_path):
 def test_gk_losses_are_positive_and_finite_when_they_disagree(tmp_path):
     cfg, head, shapes = _gk_head(tmp_path)
     ctx = _identical_context()
-    for s in ctx.teacher_features:
-        ctx.teacher_features[s] = ctx.teacher_features[s] + torch.rand_like(ctx.teacher_features[s])
-    ctx.teacher_roi_logits = ctx.teacher_roi_logits.flip(1)
+    outputs = ctx._outputs
+    for s in outputs.teacher_features:
+        outputs.teacher_features[s] = outputs.teacher_features[s] + torch.rand_like(outputs.teacher_features[s])
+    outputs._teacher_logits = outputs._teacher_logits.flip(1)
     bank = PrototypeBank([8, 16], {8: 8, 16: 8}, {8: 8, 16: 8}, num_classes=3, num_prototypes=2)
     for s in (8, 16):
         bank.set_class(s, 0, torch.rand(2, 8), torch.rand(2, 8))  # classes 1, 2: none

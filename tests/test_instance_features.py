@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from d2kd.prototypes import assign_box_strides, instance_features
+from d2kd.prototypes import instance_features
+from d2kd.structures import assign_box_levels
 
 
 def _naive(features, boxes, batch_index, stride):
@@ -95,30 +96,28 @@ def test_empty_and_invalid():
         instance_features(features, torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), 0)
 
 
-def _rule(box, strides):
-    w, h = box[2] - box[0], box[3] - box[1]
-    area = max(w, 0) * max(h, 0)
-    level = math.floor(math.log2(math.sqrt(area) / 56)) if area > 0 else -100
-    return min(max(4 * 2 ** level, min(strides)), max(strides))
+# Box side -> level index under the authors' rule floor(log2(sqrt((w+1)(h+1))/56 + 1e-6)):
+# side 56*2^i - 1 is the first of level i (111 -> 1, 223 -> 2, ...), capped at L - 1 = 4.
+SIDES = [0, 54, 110, 111, 112, 223, 224, 447, 448, 895, 896, 2000]
+LEVELS = [0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4]
 
 
-def test_assign_box_strides():
-    boxes = torch.tensor([
-        [0, 0, 10, 10], [0, 0, 55, 57], [0, 0, 56, 56], [0, 0, 111, 111], [0, 0, 112, 112],
-        [0, 0, 224, 224], [5, 5, 453, 453], [0, 0, 900, 800], [0, 0, 2000, 2000],
-        [0, 0, 0, 0], [10, 10, 5, 30], [0, 0, 30, 400],
-    ], dtype=torch.float32)
-    for strides in ([4, 8, 16, 32, 64], [8, 16, 32, 64, 128], [128, 64, 32, 16, 8], [16]):
-        got = assign_box_strides(boxes, strides)
-        assert got.dtype == torch.long
-        assert got.tolist() == [_rule(b, strides) for b in boxes.tolist()]
-    # Spot checks of the rule itself.
-    assert assign_box_strides(boxes, [4, 8, 16, 32, 64])[:6].tolist() == [4, 4, 4, 4, 8, 16]
-    assert assign_box_strides(boxes, [8, 16, 32, 64, 128])[:6].tolist() == [8, 8, 8, 8, 8, 16]
+@pytest.mark.parametrize("strides", [[4, 8, 16, 32, 64], [8, 16, 32, 64, 128]], ids=["faster_rcnn", "retinanet"])
+def test_level_rule_indexes_the_detectors_own_levels(strides):
+    boxes = torch.tensor([[10.0, 20.0, 10.0 + s, 20.0 + s] for s in SIDES])
+    got = assign_box_levels(boxes, strides)
+    assert got.dtype == torch.long
+    assert got.tolist() == [strides[i] for i in LEVELS]
+    # a 150 px box: level index 1, so p3 for Faster R-CNN and p4 for RetinaNet; p7 is used
+    assert assign_box_levels(torch.tensor([[0.0, 0.0, 150.0, 150.0]]), strides).item() == strides[1]
+    assert assign_box_levels(torch.tensor([[0.0, 0.0, 1000.0, 1000.0]]), strides).item() == strides[-1]
 
 
-def test_assign_box_strides_empty_and_invalid():
-    assert assign_box_strides(torch.zeros(0, 4), [8, 16]).shape == (0,)
-    for bad in ([], [8, 32], [6, 12], [2, 4]):
-        with pytest.raises(ValueError):
-            assign_box_strides(torch.zeros(1, 4), bad)
+def test_level_rule_uses_the_plus_one_and_any_order():
+    # 111 x 111: sqrt(112 * 112) / 56 = 2 exactly -> level 1 (the +1e-6 guards the floor);
+    # without the +1 it would be level 0.
+    boxes = torch.tensor([[0.0, 0.0, 111.0, 111.0], [0.0, 0.0, 30.0, 400.0]])
+    assert assign_box_levels(boxes, [64, 32, 16, 8, 4]).tolist() == [8, 4]  # sqrt(31 * 401) = 111.5
+    assert assign_box_levels(torch.zeros(0, 4), [8, 16]).shape == (0,)
+    with pytest.raises(ValueError):
+        assign_box_levels(torch.zeros(1, 4), [])

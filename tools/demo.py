@@ -21,14 +21,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import d2kd  # noqa: E402,F401
 from d2kd.config import load_config  # noqa: E402
 from d2kd.data import ensure_shapes_generated  # noqa: E402
-from d2kd.experiment import comparison_table, run_comparison  # noqa: E402
+from d2kd.utils.experiment import comparison_table, run_comparison  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "configs", "shapes")
-TEACHER = os.path.join(CONFIGS, "faster_rcnn_teacher_shapes.yaml")
-STUDENT = os.path.join(CONFIGS, "faster_rcnn_student_shapes.yaml")
-DISTILLED = os.path.join(CONFIGS, "gk_faster_rcnn_shapes.yaml")
+TEACHER = os.path.join(CONFIGS, "faster_rcnn_R_18_FPN_1k_shapes.yaml")
+STUDENT = os.path.join(CONFIGS, "faster_rcnn_R_18_half_FPN_1k_shapes.yaml")
+DISTILLED = os.path.join(CONFIGS, "gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml")
 
 
 def main():
@@ -46,7 +46,7 @@ def main():
     teacher, student, distilled, teacher_weights = run_comparison(
         TEACHER, STUDENT, DISTILLED, args.output_dir, args.seed)
 
-    from d2kd.visualize import detections_side_by_side
+    from d2kd.utils.visualize import detections_side_by_side
 
     models = []
     for title, config, stage in (

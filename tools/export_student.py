@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export a distilled student as a plain detectron2 model (weights + config).
 
-    python tools/export_student.py --config-file configs/gk_faster_r50.yaml \
+    python tools/export_student.py --config-file configs/gk_faster_rcnn_R_50_FPN_2x_coco.yaml \
         --weights output/model_final.pth --output-dir release/ [--verify]
 
 The release loads in stock detectron2 -- ``DefaultPredictor(cfg)`` with

@@ -23,8 +23,8 @@ import torch  # noqa: E402
 import d2kd  # noqa: E402,F401
 from d2kd.checkpoint import AtomicDetectionCheckpointer  # noqa: E402
 from d2kd.config import load_config  # noqa: E402
-from d2kd.prototypes import assign_box_strides  # noqa: E402
-from d2kd.prototypes.refresh_hook import (  # noqa: E402
+from d2kd.structures import assign_box_levels, shapes_by_stride  # noqa: E402
+from d2kd.engine.prototype_refresh import (  # noqa: E402
     annotated_test_mapper,
     collect_instance_features,
     prototype_source_dataset,
@@ -75,7 +75,7 @@ def robust_weight_histogram(model, cfg, num_images, output_dir):
     for ax, s in zip(axes[0], bank.strides):
         weights = []
         for c, (f_s, f_t, src) in features.get(s, {}).items():
-            assigned = assign_box_strides(src[:, 1:], bank.strides) == s
+            assigned = assign_box_levels(src[:, 1:], list(shapes_by_stride(model.backbone))) == s
             if assigned.any():
                 classes = torch.full((int(assigned.sum()),), c, dtype=torch.long, device=model.device)
                 weights.append(bank.robust_weights(s, classes, f_s[assigned].to(model.device), f_t[assigned].to(model.device)).cpu())

@@ -22,7 +22,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from ..atomic import atomic_write
+from ..utils.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -76,7 +76,7 @@ class DistillTrainer(DefaultTrainer):
         ret = super().build_hooks()
         model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
         if getattr(model, "prototype_bank", None) is not None:
-            from ..prototypes.refresh_hook import PrototypeRefreshHook
+            from .prototype_refresh import PrototypeRefreshHook
 
             # Right after the timer: before the checkpointer, so a checkpoint taken at a refresh
             # iteration holds the new prototypes.

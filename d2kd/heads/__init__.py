@@ -1,12 +1,6 @@
 """Distillation heads, one method per file; importing this package registers them all."""
-from .registry import DISTILL_HEAD_REGISTRY, available_heads, build_distill_heads, register_head
+from .registry import DISTILL_HEAD_REGISTRY, available_heads, build_distill_heads, head_name
 from .base import DistillHead
 from . import fitnet, gk, kd  # noqa: F401  (registration)
 
-__all__ = [
-    "DISTILL_HEAD_REGISTRY",
-    "DistillHead",
-    "available_heads",
-    "build_distill_heads",
-    "register_head",
-]
+__all__ = ["DISTILL_HEAD_REGISTRY", "DistillHead", "available_heads", "build_distill_heads", "head_name"]

@@ -1,33 +1,36 @@
-"""What every distillation head shares: stride selection and the loss-weight schedule."""
-from typing import TYPE_CHECKING, Dict, List
+"""What every distillation head shares: its name, what it reads, the loss-weight schedule."""
+from typing import Dict, FrozenSet, List
 
 from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY
 from fvcore.common.param_scheduler import LinearParamScheduler
 from torch import nn
 
-if TYPE_CHECKING:  # the modeling package imports the heads; avoid the cycle at run time
-    from ..modeling.context import DistillContext
+from ..structures import DistillContext, select_strides
+from .registry import head_name
 
 
 class DistillHead(nn.Module):
     """Base class of the modules in ``DISTILL_HEAD_REGISTRY`` (see its docstring).
 
-    Subclasses set ``requires`` (context fields beyond features: "roi", "anchors") and
-    ``needs_prototypes`` (True when they read the prototype bank), and implement
-    ``forward(ctx) -> dict[str, Tensor]``.
+    Subclasses implement ``forward(ctx) -> dict[str, Tensor]`` and set ``requires`` (the
+    context keys they read; both models' features by default). The head's config node, if
+    the config has one, is ``cfg.DISTILL.<NAME>`` (e.g. ``cfg.DISTILL.FITNET``); a node with
+    ``DECAY`` True follows ``DISTILL.SCHEDULE.LINEAR_DECAY``.
     """
 
-    name = "base"
-    requires = frozenset()
-    needs_prototypes = False
+    requires: FrozenSet[str] = frozenset({"student.features", "teacher.features"})
 
-    def __init__(self, cfg, node):
+    def __init__(self, cfg, student_shapes: Dict[int, ShapeSpec], teacher_shapes: Dict[int, ShapeSpec]):
         super().__init__()
+        self.name = head_name(type(self))
+        self.node = cfg.DISTILL.get(self.name.upper())
         # The reference GK config decays terms linearly to 0 over training; opt-in per head.
-        self._decay = bool(node.DECAY) and bool(cfg.DISTILL.SCHEDULE.LINEAR_DECAY)
+        decay = self.node is not None and bool(self.node.get("DECAY", False))
+        self._decay = decay and bool(cfg.DISTILL.SCHEDULE.LINEAR_DECAY)
         self._decay_schedule = LinearParamScheduler(1.0, 0.0)
 
-    def decay_factor(self, ctx: "DistillContext") -> float:
+    def decay_factor(self, ctx: DistillContext) -> float:
         """1 - iter/max_iter when this head decays, else 1."""
         if not self._decay:
             return 1.0
@@ -37,24 +40,19 @@ class DistillHead(nn.Module):
         return f"loss_distill_{self.name}" + (f"_{part}" if part else "")
 
     @staticmethod
-    def select_strides(
-        requested, student_shapes: Dict[int, ShapeSpec], teacher_shapes: Dict[int, ShapeSpec],
-        key: str,
-    ) -> List[int]:
-        """The strides to distil: ``requested`` (a config list) or every common stride."""
-        common = sorted(set(student_shapes) & set(teacher_shapes))
-        if not common:
+    def student_kind(cfg) -> str:
+        """The student's detector kind name ("two_stage" or "dense"), read off the class that
+        ``MODEL.META_ARCHITECTURE`` registers (a Distill meta-architecture declares it)."""
+        cls = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        kind = getattr(cls, "kind", None)
+        if kind is None:
             raise ValueError(
-                f"student strides {sorted(student_shapes)} and teacher strides "
-                f"{sorted(teacher_shapes)} have nothing in common; feature distillation needs "
-                "at least one shared FPN stride"
+                f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE} is not a distillation "
+                "meta-architecture (DistillRCNN, DistillRetinaNet, ...); heads need one"
             )
-        if not requested:
-            return common
-        missing = [s for s in requested if s not in common]
-        if missing:
-            raise ValueError(
-                f"{key} asks for strides {missing}, which student and teacher do not both "
-                f"have; shared strides are {common}"
-            )
-        return sorted(int(s) for s in requested)
+        return kind.name
+
+    @staticmethod
+    def select_strides(requested, student_shapes, teacher_shapes, key: str) -> List[int]:
+        """See :func:`d2kd.structures.select_strides`."""
+        return select_strides(requested, student_shapes, teacher_shapes, key)

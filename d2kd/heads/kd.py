@@ -1,42 +1,35 @@
-"""Vanilla knowledge distillation on class logits (METHODS.md section 5)."""
+"""Vanilla knowledge distillation on class logits (docs/METHODS.md section 5)."""
 from typing import Dict
 
-import torch
 from torch import Tensor
 
-from ..prototypes.robust import class_logit_row_weights
 from .base import DistillHead
-from .functional import kl_per_row, paired_class_logits, weighted_mean
-from .registry import register_head
+from .functional import class_logit_requirements, kl_per_row, paired_class_logits, weighted_mean
+from .registry import DISTILL_HEAD_REGISTRY
 
 
-@register_head("kd")
+@DISTILL_HEAD_REGISTRY.register()
 class KDHead(DistillHead):
     """``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``, mean over the distilled rows.
 
-    R-CNN: over the C+1 RoI-head logits of every sampled RoI (both models see the student's
-    RoIs). RetinaNet: over the C class logits of every positive anchor. With ``ROBUST_WEIGHTS``,
-    positive rows are weighted by their GT's GK robust weight (GK paper, Table 4).
-    Produces ``loss_distill_kd``.
+    Two-stage: over the C+1 RoI-head logits of every sampled RoI (the teacher's box head runs
+    on the student's RoIs). Dense: over the C class logits of every positive anchor. With
+    ``ROBUST_WEIGHTS``, foreground rows are weighted by their GK robust weight (GK paper,
+    Table 4). Produces ``loss_distill_kd``.
     """
 
     def __init__(self, cfg, student_shapes, teacher_shapes):
+        super().__init__(cfg, student_shapes, teacher_shapes)
         node = cfg.DISTILL.KD
-        super().__init__(cfg, node)
         self.weight = node.WEIGHT
         self.temperature = node.TEMPERATURE
         if self.temperature <= 0:
             raise ValueError(f"DISTILL.KD.TEMPERATURE must be > 0, got {self.temperature}")
         self.robust = bool(node.ROBUST_WEIGHTS)
-        self.needs_prototypes = self.robust
-        is_retina = "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
-        self.requires = frozenset({"anchors" if is_retina else "roi"})
+        self.two_stage = self.student_kind(cfg) == "two_stage"
+        self.requires = class_logit_requirements(self.two_stage) | ({"prototypes"} if self.robust else set())
 
     def forward(self, ctx) -> Dict[str, Tensor]:
-        student, teacher = paired_class_logits(ctx)
-        if self.robust:
-            weights = class_logit_row_weights(ctx)
-        else:
-            weights = torch.ones(student.shape[0], device=student.device)
+        student, teacher, weights = paired_class_logits(ctx, self.two_stage, "all", self.robust)
         loss = weighted_mean(kl_per_row(student, teacher, self.temperature), weights)
         return {self.loss_key(): loss * (self.weight * self.decay_factor(ctx))}

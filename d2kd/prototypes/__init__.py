@@ -1,5 +1,6 @@
-"""GK's prototype generation module (PGM): instance features and prototype selection."""
-from .instance_features import assign_box_strides, instance_features
+"""GK's prototype generation module (PGM): instance features, prototype selection, the bank."""
+from .bank import PrototypeBank
+from .instance_features import instance_features
 from .selection import select_prototypes
 
-__all__ = ["select_prototypes", "instance_features", "assign_box_strides"]
+__all__ = ["PrototypeBank", "select_prototypes", "instance_features"]

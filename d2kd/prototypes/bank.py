@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
+from ..structures import select_strides
+
 
 class PrototypeBank(nn.Module):
     """Student and teacher prototypes of every class at every distilled stride.
@@ -32,11 +34,9 @@ class PrototypeBank(nn.Module):
         self.register_buffer("num_builds", torch.zeros((), dtype=torch.long))
 
     @classmethod
-    def from_config(cls, cfg, student_shapes: Dict[int, ShapeSpec], teacher_shapes: Dict[int, ShapeSpec]):
-        from ..heads.base import DistillHead
-        from ..modeling.teacher import num_classes_of
-
-        strides = DistillHead.select_strides(
+    def from_config(cls, cfg, student_shapes: Dict[int, ShapeSpec], teacher_shapes: Dict[int, ShapeSpec],
+                    num_classes: int):
+        strides = select_strides(
             cfg.DISTILL.PROTOTYPES.STRIDES, student_shapes, teacher_shapes, "DISTILL.PROTOTYPES.STRIDES"
         )
         if cfg.DISTILL.PROTOTYPES.NUM < 1:
@@ -45,7 +45,7 @@ class PrototypeBank(nn.Module):
             strides,
             {s: student_shapes[s].channels for s in strides},
             {s: teacher_shapes[s].channels for s in strides},
-            num_classes_of(cfg),
+            num_classes,
             cfg.DISTILL.PROTOTYPES.NUM,
         )
 

@@ -1,17 +1,15 @@
-"""Instance features for GK (METHODS.md 1.1) and the FPN level of a box.
+"""Instance features for GK (docs/METHODS.md 1.1).
 
 ``instance_features`` averages a feature map over the cells each box covers with a
 summed-area table (cumulative sums over H and W, four corners gathered per box), so the
 cost is O(N C H W + M C) with no Python loop over boxes, and it is differentiable w.r.t.
 the features.
 """
-import math
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["instance_features", "assign_box_strides"]
+__all__ = ["instance_features"]
 
 
 def _cell_range(lo: Tensor, hi: Tensor, stride: int, size: int):
@@ -73,42 +71,3 @@ def instance_features(features: Tensor, boxes: Tensor, batch_index: Tensor, stri
     total = corner(y1 + 1, x1 + 1) - corner(y0, x1 + 1) - corner(y1 + 1, x0) + corner(y0, x0)
     count = ((y1 - y0 + 1) * (x1 - x0 + 1)).to(torch.float64)
     return (total / count[:, None]).to(features.dtype)
-
-
-def assign_box_strides(boxes: Tensor, strides: Sequence[int]) -> Tensor:
-    """FPN stride of each box by ``l = floor(log2(sqrt(w*h) / 56))``, stride ``4 * 2^l``.
-
-    Level 0 is stride 4 (boxes of side 56 to 112 px); the result is clamped to the
-    available strides, e.g. with RetinaNet's ``[8, 16, 32, 64, 128]`` every box smaller
-    than 112 px goes to stride 8 and degenerate (zero-area) boxes to the smallest stride.
-
-    Args:
-        boxes (Tensor): (M, 4) XYXY boxes in input-image pixels.
-        strides (sequence of int): the available strides, consecutive powers of two >= 4
-            (in any order).
-
-    Returns:
-        Tensor: (M,) int64 strides on ``boxes``' device.
-
-    Raises:
-        ValueError: malformed boxes or strides that are not consecutive powers of two.
-    """
-    if boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must be (M, 4) XYXY, got shape {tuple(boxes.shape)}")
-    levels = sorted(int(s) for s in strides)
-    if not levels:
-        raise ValueError("assign_box_strides needs at least one stride")
-    logs = [math.log2(s) for s in levels]
-    if any(s < 4 or not lg.is_integer() for s, lg in zip(levels, logs)) or any(
-        b - a != 1 for a, b in zip(logs, logs[1:])
-    ):
-        raise ValueError(
-            f"strides must be consecutive powers of two >= 4 (e.g. [8, 16, 32, 64, 128]), "
-            f"got {list(strides)}"
-        )
-    lo, hi = int(logs[0]) - 2, int(logs[-1]) - 2  # level l has stride 4 * 2^l
-    b = boxes.to(torch.float64)
-    area = ((b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0))
-    # log2(0) = -inf, which floor and clamp send to the smallest level.
-    level = torch.floor(torch.log2(area.sqrt() / 56.0)).clamp(lo, hi).long()
-    return 4 * torch.pow(2, level)

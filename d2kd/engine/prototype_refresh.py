@@ -9,14 +9,15 @@ import torch
 from detectron2.data import DatasetMapper, get_detection_dataset_dicts
 from detectron2.data import transforms as T
 from detectron2.engine import HookBase
+from detectron2.structures import BoxMode
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from ..modeling.distill_mixin import by_stride
-from .instance_features import instance_features
-from .selection import select_prototypes
+from ..structures import by_stride
+from ..prototypes.instance_features import instance_features
+from ..prototypes.selection import select_prototypes
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +28,14 @@ InstanceFeatureSets = Dict[int, Dict[int, Tuple[Tensor, Tensor, Tensor]]]
 
 @torch.no_grad()
 def collect_instance_features(model, batches: Iterable[List[dict]], min_size: float) -> InstanceFeatureSets:
-    """Student and teacher instance features of every GT box (side >= ``min_size`` input px)
-    at every stride of ``model.prototype_bank``, grouped by stride and class, on the CPU.
+    """Student and teacher instance features of every GT box wider and higher than
+    ``min_size`` original-image pixels, at every stride of ``model.prototype_bank``, grouped
+    by stride and class, on the CPU.
 
     Inputs may carry ``"d2kd_index"`` (their index in the sampled dataset list); it is kept,
-    with each box in original-image pixels, as the instance's source (-1 when absent).
+    with each box in original-image pixels, as the instance's source (-1 when absent). Inputs
+    may carry ``"d2kd_classes"``, the classes the image was sampled for: boxes of other
+    classes in it are skipped (each class uses only its own image subset).
 
     The model is switched to eval mode meanwhile (the student's BatchNorm statistics must not
     move) and restored afterwards.
@@ -48,14 +52,17 @@ def collect_instance_features(model, batches: Iterable[List[dict]], min_size: fl
             boxes, classes, index, sources = [], [], [], []
             for i, x in enumerate(batch):
                 inst = x["instances"].to(model.device)
-                wh = inst.gt_boxes.tensor[:, 2:] - inst.gt_boxes.tensor[:, :2]
-                keep = (wh >= min_size).all(dim=1)
+                scale = x.get("width", x["image"].shape[-1]) / x["image"].shape[-1]
+                original = inst.gt_boxes.tensor * scale
+                keep = ((original[:, 2:] - original[:, :2]) > min_size).all(dim=1)
+                if "d2kd_classes" in x:
+                    wanted = torch.as_tensor(sorted(x["d2kd_classes"]), dtype=torch.long, device=model.device)
+                    keep &= torch.isin(inst.gt_classes, wanted)
                 boxes.append(inst.gt_boxes.tensor[keep])
                 classes.append(inst.gt_classes[keep])
                 index.append(torch.full((int(keep.sum()),), i, dtype=torch.long, device=model.device))
-                scale = x.get("width", x["image"].shape[-1]) / x["image"].shape[-1]
                 src = torch.full((int(keep.sum()), 5), float(x.get("d2kd_index", -1)))
-                src[:, 1:] = inst.gt_boxes.tensor[keep].cpu() * scale
+                src[:, 1:] = original[keep].cpu()
                 sources.append(src)
             boxes, classes, index, sources = torch.cat(boxes), torch.cat(classes), torch.cat(index), torch.cat(sources)
             if len(boxes) == 0:
@@ -102,6 +109,45 @@ def prototype_source_dataset(names) -> List[dict]:
     return get_detection_dataset_dicts(names, filter_empty=True)
 
 
+def per_class_image_subsets(dataset: List[dict], max_images: int, min_size: float, seed: int) -> Dict[int, np.ndarray]:
+    """The images each class builds its prototypes from, as the GK authors choose them.
+
+    For every class, up to ``max_images`` images that hold at least one non-crowd box of it
+    wider and higher than ``min_size`` original-image pixels, drawn at random with a
+    generator seeded by ``(seed, class)``: the same subset on every rank, after a resume and
+    at every refresh, and a rare class gets its images however few there are.
+
+    Returns:
+        dict[int, ndarray]: class -> ascending indices into ``dataset``.
+    """
+    holders: Dict[int, List[int]] = defaultdict(list)
+    for i, record in enumerate(dataset):
+        found = set()
+        for ann in record.get("annotations", []):
+            if ann.get("iscrowd", 0):
+                continue
+            x0, y0, x1, y1 = BoxMode.convert(list(ann["bbox"]), ann["bbox_mode"], BoxMode.XYXY_ABS)
+            if x1 - x0 > min_size and y1 - y0 > min_size:
+                found.add(int(ann["category_id"]))
+        for c in found:
+            holders[c].append(i)
+    subsets = {}
+    for c in sorted(holders):
+        images = np.asarray(holders[c])
+        rng = np.random.default_rng([max(int(seed), 0), c])
+        subsets[c] = np.sort(rng.permutation(images)[:max_images])
+    return subsets
+
+
+def images_and_classes(subsets: Dict[int, np.ndarray]) -> List[Tuple[int, List[int]]]:
+    """The union of the per-class subsets: (image index, classes it was drawn for), ascending."""
+    drawn: Dict[int, List[int]] = defaultdict(list)
+    for c, images in subsets.items():
+        for i in images.tolist():
+            drawn[i].append(c)
+    return [(i, sorted(drawn[i])) for i in sorted(drawn)]
+
+
 def rebuild_bank(bank, features: InstanceFeatureSets, alpha: float, device=None) -> None:
     """Select K prototypes per (stride, class) and write them into ``bank``.
 
@@ -125,10 +171,11 @@ class PrototypeRefreshHook(HookBase):
     """Builds the prototype bank at ``DISTILL.PROTOTYPES.START_ITER`` and every ``PERIOD``
     iterations after it (and at the first step after a resume that finds no bank).
 
-    Each rank extracts instance features from its share of ``MAX_IMAGES`` training images
-    (one sample per refresh, the same on every rank); the features are gathered, the main
-    process selects the prototypes, and every rank receives the main process' bank, so all
-    ranks hold identical prototypes.
+    The images are up to ``MAX_IMAGES`` per class, drawn once from ``SEED`` (see
+    :func:`per_class_image_subsets`) and kept for the whole run. Each rank extracts instance
+    features from its share of them; the features are gathered, the main process selects
+    the prototypes, and every rank receives the main process' bank, so all ranks hold
+    identical prototypes.
     """
 
     def __init__(self, cfg):
@@ -139,8 +186,10 @@ class PrototypeRefreshHook(HookBase):
         self.min_size = node.MIN_SIZE
         self.alpha = node.ALPHA
         self.batch_size = max(1, cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
+        self.seed = cfg.SEED
         self._dataset_names = cfg.DATASETS.TRAIN
         self._dataset = None
+        self._images = None
         self._mapper = annotated_test_mapper(cfg)
 
     def _model(self):
@@ -158,21 +207,27 @@ class PrototypeRefreshHook(HookBase):
         if self.is_due(self.trainer.iter):
             self.refresh(self.trainer.iter)
 
-    def _batches(self, iteration: int):
-        if self._dataset is None:
+    def images(self) -> List[Tuple[int, List[int]]]:
+        """(dataset index, classes drawn for) of every image the prototypes are built from."""
+        if self._images is None:
             self._dataset = prototype_source_dataset(self._dataset_names)
-        rng = np.random.default_rng(iteration)  # same sample on every rank
-        count = min(self.max_images, len(self._dataset))
-        picked = rng.permutation(len(self._dataset))[:count]
-        mine = picked[comm.get_rank():: comm.get_world_size()]
+            subsets = per_class_image_subsets(self._dataset, self.max_images, self.min_size, self.seed)
+            self._images = images_and_classes(subsets)
+        return self._images
+
+    def _batches(self):
+        mine = self.images()[comm.get_rank():: comm.get_world_size()]
         for i in range(0, len(mine), self.batch_size):
-            yield [dict(self._mapper(self._dataset[j]), d2kd_index=int(j)) for j in mine[i: i + self.batch_size]]
+            yield [
+                dict(self._mapper(self._dataset[j]), d2kd_index=int(j), d2kd_classes=classes)
+                for j, classes in mine[i: i + self.batch_size]
+            ]
 
     def refresh(self, iteration: int) -> None:
         start = time.perf_counter()
         model = self._model()
         bank = model.prototype_bank
-        local = collect_instance_features(model, self._batches(iteration), self.min_size)
+        local = collect_instance_features(model, self._batches(), self.min_size)
         merged = merge_feature_sets(comm.all_gather(local))
         if comm.is_main_process():
             rebuild_bank(bank, merged, self.alpha, device=model.device)

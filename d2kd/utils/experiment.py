@@ -13,8 +13,8 @@ from typing import Dict, List, Sequence, Tuple
 from detectron2.utils import comm
 
 from .atomic import atomic_write
-from .config import load_config
-from .engine import DistillTrainer
+from ..config import load_config
+from ..engine import DistillTrainer
 
 logger = logging.getLogger("d2kd")
 

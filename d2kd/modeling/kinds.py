@@ -1,0 +1,101 @@
+"""Detector kinds: what a detector offers to distillation heads, as class attributes.
+
+Every Distill meta-architecture declares its plain counterpart (``plain_meta_arch``, the name
+in detectron2's ``META_ARCH_REGISTRY``) and its :class:`DetectorKind`. Export, teacher loading
+and the build-time check of head requirements read those, never the architecture's name.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, FrozenSet, Optional
+
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
+from detectron2.modeling.proposal_generator.rpn import RPN
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DetectorKind:
+    """What a family of detectors offers to the distillation context.
+
+    Attributes:
+        name (str): "two_stage" or "dense".
+        capabilities (frozenset[str]): the capabilities of
+            :data:`d2kd.structures.context.REQUIREMENTS` this kind can supply.
+        recorded (dict[str, str]): record key -> path of the student submodule whose output
+            is recorded by a forward hook during the student's own forward.
+        num_classes (callable): model -> C, its number of foreground classes.
+        anchor_generator (callable): model -> the anchor generator its anchors come from.
+        describe (str): for error messages.
+    """
+
+    name: str
+    capabilities: FrozenSet[str]
+    recorded: Dict[str, str] = field(hash=False)
+    num_classes: Callable[[nn.Module], int] = field(hash=False)
+    anchor_generator: Callable[[nn.Module], nn.Module] = field(hash=False)
+    describe: str = ""
+
+    def matches(self, model: nn.Module) -> bool:
+        if self.name == "two_stage":
+            return (
+                isinstance(model, GeneralizedRCNN)
+                and isinstance(model.proposal_generator, RPN)
+                and hasattr(model.roi_heads, "box_predictor")
+            )
+        return isinstance(model, DenseDetector)
+
+
+TWO_STAGE = DetectorKind(
+    name="two_stage",
+    capabilities=frozenset({"images", "features", "rpn", "rois", "box_head", "anchors"}),
+    recorded={
+        "backbone": "backbone",
+        "rpn.anchors": "proposal_generator.anchor_generator",
+        "rpn.head": "proposal_generator.rpn_head",
+        "rpn.out": "proposal_generator",
+        "roi.out": "roi_heads",
+        "roi.predictions": "roi_heads.box_predictor",
+    },
+    num_classes=lambda model: model.roi_heads.num_classes,
+    anchor_generator=lambda model: model.proposal_generator.anchor_generator,
+    describe="a two-stage detector (GeneralizedRCNN with an RPN and a box head)",
+)
+
+DENSE = DetectorKind(
+    name="dense",
+    capabilities=frozenset({"images", "features", "dense", "anchors"}),
+    recorded={"backbone": "backbone", "dense.head": "head", "dense.anchors": "anchor_generator"},
+    num_classes=lambda model: model.num_classes,
+    anchor_generator=lambda model: model.anchor_generator,
+    describe="a dense one-stage detector (a detectron2 DenseDetector such as RetinaNet)",
+)
+
+KINDS = (TWO_STAGE, DENSE)
+
+# Distill meta-architecture name -> class; filled by DistillMixin.__init_subclass__.
+DISTILL_META_ARCHS: Dict[str, type] = {}
+
+
+def kind_of(model: nn.Module) -> Optional[DetectorKind]:
+    """The kind of a built detector: its class' declared kind, else the first that matches."""
+    declared = getattr(type(model), "kind", None)
+    if isinstance(declared, DetectorKind):
+        return declared
+    for kind in KINDS:
+        if kind.matches(model):
+            return kind
+    return None
+
+
+def is_distill_meta_arch(name: str) -> bool:
+    return name in DISTILL_META_ARCHS
+
+
+def plain_meta_arch_of(name: str) -> str:
+    """The stock meta-architecture a Distill meta-architecture's student is."""
+    if name not in DISTILL_META_ARCHS:
+        raise ValueError(
+            f"MODEL.META_ARCHITECTURE is {name}, not a distillation meta-architecture "
+            f"({', '.join(sorted(DISTILL_META_ARCHS))})"
+        )
+    return DISTILL_META_ARCHS[name].plain_meta_arch
