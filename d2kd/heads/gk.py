@@ -3,14 +3,13 @@ from typing import Dict
 
 import torch
 from detectron2.utils.events import get_event_storage
-from fvcore.nn import smooth_l1_loss
 from torch import Tensor
 
 from .adapters import StrideAdapters
 from .base import DistillHead
 from .functional import class_logit_requirements, crop_to_common, kl_per_row, paired_class_logits, weighted_mean
 from .registry import DISTILL_HEAD_REGISTRY
-from .robust_weights import INSTANCE_SOURCES, instance_weight_map, step_instances
+from .robust_weights import INSTANCE_SOURCES, global_relation_loss, instance_weight_map, step_instances
 
 
 def _choice(value: str, allowed, key: str) -> str:
@@ -84,7 +83,7 @@ class GKHead(DistillHead):
         decay = self.decay_factor(ctx)
         instances = step_instances(ctx, self.instances)
         zero = ctx.student_features[self.strides[0]].new_zeros((), dtype=torch.float32)
-        loss_global, loss_fg, loss_bg = zero, zero, zero
+        loss_fg, loss_bg = zero, zero
         for s in self.strides:
             student, teacher = crop_to_common(self.adapters(s, ctx.student_features[s]), ctx.teacher_features[s])
             sq = ((student.float() - teacher.float()) ** 2).sum(dim=1)  # (N, H, W), summed over C
@@ -93,12 +92,7 @@ class GKHead(DistillHead):
             bg = (~covered).float()
             loss_fg = loss_fg + (sq * fg).sum() / (2 * channels * fg.sum()).clamp(min=1.0)
             loss_bg = loss_bg + (sq * bg).sum() / (2 * channels * bg.sum()).clamp(min=1.0)
-            if s in instances.features:
-                index, f_s, f_t = instances.features[s]
-                rows_s, rows_t = ctx.prototype_bank.relation_rows(s, f_s, f_t)
-                if rows_s.numel() > 0:
-                    w = instances.weight[index][:, None]
-                    loss_global = loss_global + smooth_l1_loss(w * rows_s, w * rows_t, beta=1.0, reduction="mean")
+        loss_global = global_relation_loss(ctx, instances, self.strides)
         if self.level_mean:
             loss_fg, loss_bg = loss_fg / len(self.strides), loss_bg / len(self.strides)
         losses = {

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
 import torch
+from fvcore.nn import smooth_l1_loss
 from torch import Tensor
 
 from ..prototypes.instance_features import instance_features
@@ -137,3 +138,20 @@ def roi_robust_weights(ctx) -> Tensor:
         w[rois.foreground] = step_instances(ctx, "positive_rois").weight
         ctx.cache["roi_robust"] = w
     return ctx.cache["roi_robust"]
+
+
+def global_relation_loss(ctx, instances: StepInstances, strides) -> Tensor:
+    """GK's global term (Eq. 6) over ``strides``: per stride, smooth-L1 (mean) between
+    ``w * S_s`` and ``w * S_t``, the rows of cosines of the instances assigned there to all
+    valid prototypes in each space, ``w`` their robust weights; summed over strides. 0 (in
+    the graph) before the prototype bank's first build."""
+    total = ctx.student_features[strides[0]].new_zeros((), dtype=torch.float32)
+    for s in strides:
+        if s not in instances.features:
+            continue
+        index, f_s, f_t = instances.features[s]
+        rows_s, rows_t = ctx.prototype_bank.relation_rows(s, f_s, f_t)
+        if rows_s.numel() > 0:
+            w = instances.weight[index][:, None]
+            total = total + smooth_l1_loss(w * rows_s, w * rows_t, beta=1.0, reduction="mean")
+    return total
