@@ -1,12 +1,16 @@
 #!/usr/bin/env python
-"""Training-step time of each distillation head against the student alone and against the
-student plus the teacher's forward pass, on the built-in shapes configs.
+"""Training-step time of each distillation head against its floor: the student's own step
+plus the part of the teacher that head needs, on the built-in shapes configs.
 
-    python benchmarks/bench_step_time.py [--iters 20] [--device cpu] [--heads gk fitnet kd]
+    python benchmarks/bench_step_time.py [--iters 40] [--device cpu] [--heads gk fitnet kd]
 
-Every variant runs the same batches (forward + backward + SGD step); the table gives the
-median seconds per step and the ratio to the student alone. The teacher has random weights:
-speed does not depend on them.
+Every variant runs the same batches (forward + backward + SGD step), round-robin (batch 1
+for every variant, then batch 2, ...), so a busy moment of the machine hits them all alike.
+A head's floor is a plain student step plus, without gradients, the teacher parts its
+declared requirements run (``model.teacher_parts()``): the backbone, and the box head on as
+many RoIs as the student samples, or the dense head. The table gives the median seconds per
+step with the interquartile range, the ratio to the student alone and to the floor. The
+teacher has random weights: speed does not depend on them.
 """
 import argparse
 import os
@@ -25,6 +29,7 @@ from d2kd.config import load_config  # noqa: E402
 from d2kd.engine.prototype_refresh import collect_instance_features, rebuild_bank  # noqa: E402
 from detectron2.data import build_detection_train_loader  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import Boxes  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "configs", "shapes")
@@ -49,7 +54,7 @@ def time_steps(step, batches, device, warmup=3):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--heads", nargs="+", default=["gk", "fitnet", "kd"])
     args = parser.parse_args()
@@ -78,36 +83,76 @@ def main():
             opt.step()
         return step
 
-    rows = []
     student = build_model(load_config(os.path.join(CONFIGS, "faster_rcnn_R_18_half_FPN_1k_shapes.yaml"), ["MODEL.DEVICE", args.device]))
     student.train()
-    base = time_steps(trainer_step(student), batches, args.device)
-    rows.append(("student alone", base))
-
-    # What a feature-only head adds at the least: the teacher's backbone, without gradients.
-    holder = build_model(distill_cfg(["fitnet"]))
-    holder.train()
     student_step = trainer_step(student)
-
-    def student_and_teacher(batch):
-        holder.teacher_backbone(batch)
-        student_step(batch)
-
-    rows.append(("student + teacher backbone forward", time_steps(student_and_teacher, batches, args.device)))
-
+    variants = {"student alone": student_step}
+    parts_of, floor_of = {}, {}
     for head in args.heads:
         model = build_model(distill_cfg([head]))
         model.train()
         if model.prototype_bank is not None:
             rebuild_bank(model.prototype_bank, collect_instance_features(model, batches[:4], min_size=4), alpha=10.0)
-        rows.append((f"distill: {head}", time_steps(trainer_step(model), batches, args.device)))
+        parts = tuple(model.teacher_parts())
+        parts_of[head] = parts
+        floor = "student + teacher " + (" + ".join(parts) or "nothing")
+        floor_of[head] = floor
+        if floor not in variants:
+            variants[floor] = floor_step(model, student_step, parts, cfg)
+        variants[f"distill: {head}"] = trainer_step(model)
 
-    print(f"\nstep time on {args.device} ({torch.get_num_threads()} threads), {len(batches) - 3} timed steps, "
-          f"batch {cfg.SOLVER.IMS_PER_BATCH} images of {cfg.INPUT.MIN_SIZE_TRAIN[0]} px")
-    print("| variant | s / step | x student |")
-    print("|---|---|---|")
-    for name, t in rows:
-        print(f"| {name} | {t:.3f} | {t / base:.2f} |")
+    times = {name: [] for name in variants}
+    for i, batch in enumerate(batches):
+        for name, step in variants.items():
+            sync(args.device)
+            start = time.perf_counter()
+            step(batch)
+            sync(args.device)
+            if i >= 3:
+                times[name].append(time.perf_counter() - start)
+
+    def med(name):
+        return statistics.median(times[name])
+
+    base = med("student alone")
+    print(f"\nstep time on {args.device} ({torch.get_num_threads()} threads), {len(batches) - 3} timed steps "
+          f"per variant, round-robin, batch {cfg.SOLVER.IMS_PER_BATCH} images of {cfg.INPUT.MIN_SIZE_TRAIN[0]} px")
+    print("| variant | teacher parts run | s / step (median) | IQR | x student | x floor |")
+    print("|---|---|---|---|---|---|")
+    for name in variants:
+        q = statistics.quantiles(times[name], n=4)
+        head = name[len("distill: "):] if name.startswith("distill: ") else None
+        parts = " + ".join(parts_of[head]) if head else "-"
+        vs_floor = f"{med(name) / med(floor_of[head]):.2f}" if head else "-"
+        print(f"| {name} | {parts} | {med(name):.3f} | {q[0]:.3f}-{q[2]:.3f} | {med(name) / base:.2f} | {vs_floor} |")
+
+
+def floor_step(model, student_step, parts, cfg):
+    """A plain student step plus, without gradients, the teacher parts ``parts``."""
+    teacher = model.teacher
+    rois_per_image = cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
+
+    @torch.no_grad()
+    def teacher_parts(batch):
+        if not parts:
+            return
+        features = model.teacher_backbone(batch)
+        if "box head" in parts:
+            roi_heads = teacher.roi_heads
+            boxes = []
+            for x in batch:
+                h, w = x["image"].shape[-2:]
+                xy = torch.rand(rois_per_image, 2) * torch.tensor([w * 0.7, h * 0.7])
+                boxes.append(Boxes(torch.cat([xy, xy + 8 + torch.rand(rois_per_image, 2) * 30], 1).to(model.device)))
+            x = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features], boxes)
+            roi_heads.box_predictor(roi_heads.box_head(x))
+        if "dense head" in parts:
+            teacher.head([features[f] for f in teacher.head_in_features])
+
+    def step(batch):
+        teacher_parts(batch)
+        student_step(batch)
+    return step
 
 
 if __name__ == "__main__":

@@ -15,13 +15,16 @@ from d2kd.modeling.teacher import build_teacher_cfg
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 LEAVES = [p for p in CONFIGS if not os.path.basename(p).startswith("Base-")]
-NAME = re.compile(r"^([a-z]+_)?(faster_rcnn|retinanet)_R_\d+(_half)?_FPN_\w+_(coco|voc|shapes)\.yaml$")
+NAME = re.compile(r"^([a-z]+_)?(faster_rcnn|retinanet|gfl)_R_\d+(_half)?_FPN_\w+_(coco|voc|shapes)\.yaml$")
 
 
 def config_classes(cfg) -> int:
-    kind = getattr(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), "kind", None)
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch in ("GFL", "DistillGFL"):
+        return cfg.MODEL.GFL.NUM_CLASSES
+    kind = getattr(META_ARCH_REGISTRY.get(arch), "kind", None)
     if kind is None:
-        kind = DENSE if "RetinaNet" == cfg.MODEL.META_ARCHITECTURE else TWO_STAGE
+        kind = DENSE if arch == "RetinaNet" else TWO_STAGE
     return cfg.MODEL.ROI_HEADS.NUM_CLASSES if kind is TWO_STAGE else cfg.MODEL.RETINANET.NUM_CLASSES
 
 
@@ -42,7 +45,7 @@ def test_config_names_follow_the_scheme_and_plain_configs_stay_plain(path):
     assert NAME.match(name), f"{name}: expected <method>_<arch>_R_<depth>_FPN_<schedule>_<data>.yaml"
     cfg = load_config(path)
     method = name.split("_")[0]
-    if method in ("faster", "retinanet"):  # a plain detector (a teacher or a student alone)
+    if method in ("faster", "retinanet", "gfl"):  # a plain detector (a teacher or a student alone)
         assert not is_distill_meta_arch(cfg.MODEL.META_ARCHITECTURE)
         with open(path) as f:
             assert "Distill" not in f.read(), "plain configs do not inherit from a Distill base"

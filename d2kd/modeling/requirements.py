@@ -43,11 +43,12 @@ def check_requirements(heads: Dict[str, nn.Module], student: nn.Module, student_
             if side in models:
                 model, kind = models[side]
                 if capability not in kind.capabilities:
+                    fix = "a teacher of the student's kind" if side == "teacher" else "another student"
                     raise ValueError(
                         f"distillation head '{name}' requires '{key}' ({REQUIREMENTS[key]}), but "
                         f"the {side} {type(model).__name__} is {kind.describe}, which has no "
                         f"'{capability}'. Use a head this pair supports (e.g. fitnet or pkd for "
-                        "any pair), or a teacher of the student's kind"
+                        f"any pair), or {fix}"
                     )
             elif key == "paired_anchors":
                 _check_same_anchors(name, student, student_kind, teacher, teacher_kind)
