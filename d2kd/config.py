@@ -3,7 +3,8 @@ from detectron2.config import CfgNode as CN
 
 
 def add_distill_config(cfg):
-    """Add the ``DISTILL`` node (and nothing else) to a detectron2 config, in place.
+    """Add the ``DISTILL`` node (and ``MODEL.GFL``, see add_gfl_config) to a detectron2 config,
+    in place.
 
     Call it on ``get_cfg()`` before ``merge_from_file``; every key has a default, so a config
     that names no distillation keys still loads.
@@ -19,6 +20,8 @@ def add_distill_config(cfg):
     _C.DISTILL.TEACHER.WEIGHTS = ""
     # Overrides applied to the teacher's config after loading it, as KEY VALUE pairs.
     _C.DISTILL.TEACHER.OPTS = []
+    # Load .pkl TEACHER.WEIGHTS / MODEL.WEIGHTS from outside detectron2's model zoo (unpickling runs code).
+    _C.DISTILL.TEACHER.ALLOW_PICKLE = False
 
     # Names of registered distillation heads to enable (any number; see DISTILL_HEAD_REGISTRY).
     _C.DISTILL.HEADS = []
@@ -94,6 +97,141 @@ def add_distill_config(cfg):
     _C.DISTILL.GK.LEVEL_REDUCTION = "auto"
     # Follow DISTILL.SCHEDULE.LINEAR_DECAY (the reference decays global and feature terms only).
     _C.DISTILL.GK.DECAY = True
+
+    # PKD: 1/2 mean((S^ - T^)^2) of per-channel standardised FPN maps (METHODS.md section 2).
+    _C.DISTILL.PKD = CN()
+    # Loss weight; -1 picks the released one by the student's kind: 6 two-stage, 10 dense.
+    _C.DISTILL.PKD.WEIGHT = -1.0
+    # Strides to distil; empty means the NUM_LEVELS finest strides both models have.
+    _C.DISTILL.PKD.STRIDES = []
+    # With STRIDES empty: how many shared strides, finest first (released: 4); 0 means all.
+    _C.DISTILL.PKD.NUM_LEVELS = 4
+    # Follow DISTILL.SCHEDULE.LINEAR_DECAY (the released configs do not decay).
+    _C.DISTILL.PKD.DECAY = False
+
+    # FGFI: feature imitation on the cells of near-object anchors (METHODS.md section 5).
+    _C.DISTILL.FGFI = CN()
+    # lambda of lambda / (2 sum(I)) * sum(I (A(F_s) - F_t)^2) (a sum over channels, as the paper).
+    _C.DISTILL.FGFI.WEIGHT = 0.01
+    # psi: an anchor is near a GT when its IoU exceeds psi times that GT's best anchor IoU.
+    _C.DISTILL.FGFI.THRESHOLD = 0.5
+    # What psi's "best anchor IoU" of a GT is taken over: "all_levels" (every anchor, the paper's
+    # rule read literally), "each_level" (per level), "assigned_level" (the DeFeat/GK code base).
+    _C.DISTILL.FGFI.MAX_IOU_OVER = "all_levels"
+    # Iterations at the start of training without the FGFI term (the paper: 400).
+    _C.DISTILL.FGFI.START_ITER = 400
+    _C.DISTILL.FGFI.STRIDES = []
+    # Student-side adapter, always present (the paper: 3x3 conv + ReLU).
+    _C.DISTILL.FGFI.ADAPTER_KERNEL = 3
+    _C.DISTILL.FGFI.ADAPTER_RELU = True
+    _C.DISTILL.FGFI.DECAY = False
+
+    # DeFeat: decoupled fg / bg feature imitation plus fg / bg RoI KL (METHODS.md section 5).
+    _C.DISTILL.DEFEAT = CN()
+    # Feature terms (GK's fg / bg normalisation, levels averaged); DeFeat's VOC config: 3 / 12.
+    _C.DISTILL.DEFEAT.FG_WEIGHT = 3.0
+    _C.DISTILL.DEFEAT.BG_WEIGHT = 12.0
+    # RoI-head KL over foreground and over background RoIs, each a mean over its own RoIs
+    # (two-stage students only; 0 for both lets a dense teacher teach a two-stage student).
+    _C.DISTILL.DEFEAT.KL_FG_WEIGHT = 2.0
+    _C.DISTILL.DEFEAT.KL_BG_WEIGHT = 2.0
+    _C.DISTILL.DEFEAT.TEMPERATURE = 1.0
+    _C.DISTILL.DEFEAT.STRIDES = []
+    # Student-side adapter, always present (DeFeat's code: 3x3 conv, no ReLU).
+    _C.DISTILL.DEFEAT.ADAPTER_KERNEL = 3
+    _C.DISTILL.DEFEAT.ADAPTER_RELU = False
+    # Weight the foreground cells by the GT boxes' GK robust weights (GK paper, Table 4).
+    _C.DISTILL.DEFEAT.ROBUST_WEIGHTS = False
+    # Follow DISTILL.SCHEDULE.LINEAR_DECAY (feature terms only, as GK's).
+    _C.DISTILL.DEFEAT.DECAY = False
+
+    # RKD: distance and angle relations among the GT instance embeddings at each level.
+    _C.DISTILL.RKD = CN()
+    _C.DISTILL.RKD.DISTANCE_WEIGHT = 25.0
+    _C.DISTILL.RKD.ANGLE_WEIGHT = 50.0
+    # L2-normalise the instance embeddings before relating them (mmrazor's RKD default).
+    _C.DISTILL.RKD.L2_NORM = True
+    # Replace the instance relations by GK's robust-weighted instance-to-prototype rows
+    # (GK paper, Table 4); needs the prototypes of DISTILL.PROTOTYPES.
+    _C.DISTILL.RKD.GLOBAL = False
+    _C.DISTILL.RKD.GLOBAL_WEIGHT = 1.0
+    _C.DISTILL.RKD.STRIDES = []
+    _C.DISTILL.RKD.DECAY = False
+
+    # Rank Mimicking (METHODS.md section 4): per GT box, KL(teacher || student) of the softmax
+    # over its positive anchors of their scores for its class (dense students).
+    _C.DISTILL.RANK_MIMIC = CN()
+    _C.DISTILL.RANK_MIMIC.WEIGHT = 4.0
+    # Scores softmaxed over the candidates: "sigmoid" (class probabilities) or "logits".
+    _C.DISTILL.RANK_MIMIC.SCORES = "sigmoid"
+    _C.DISTILL.RANK_MIMIC.DECAY = False
+
+    # Prediction-guided Feature Imitation (METHODS.md section 4): feature imitation per cell
+    # weighted by the detached squared class-prediction difference (dense students).
+    _C.DISTILL.PFI = CN()
+    _C.DISTILL.PFI.WEIGHT = 1.5
+    # Predictions compared: "sigmoid" (class probabilities) or "logits".
+    _C.DISTILL.PFI.SCORES = "sigmoid"
+    _C.DISTILL.PFI.STRIDES = []
+    # Student-side adapter A: "always" or "auto" (only when channels differ).
+    _C.DISTILL.PFI.ADAPTER = "always"
+    _C.DISTILL.PFI.ADAPTER_KERNEL = 1
+    _C.DISTILL.PFI.ADAPTER_RELU = False
+    _C.DISTILL.PFI.DECAY = False
+
+    # Localization Distillation (METHODS.md section 3) for GFL students and teachers: edge-
+    # distribution KL on the main region and the valuable localisation region, class KD.
+    _C.DISTILL.LD = CN()
+    # Main region (the student's positive anchors), weighted by the student's max class score.
+    _C.DISTILL.LD.WEIGHT = 0.25
+    # Valuable localisation region: 0.25 t_g <= DIoU(anchor, g) < t_g, weighted by the IoU.
+    _C.DISTILL.LD.VLR_WEIGHT = 0.25
+    _C.DISTILL.LD.VLR_LOWER = 0.25
+    # Temperature of the edge-distribution KL.
+    _C.DISTILL.LD.TEMPERATURE = 10.0
+    # Class KD (softmax over classes) on the main region's anchors; 0 turns it off.
+    _C.DISTILL.LD.KD_WEIGHT = 10.0
+    _C.DISTILL.LD.KD_TEMPERATURE = 2.0
+    # ATSS candidates per level for t_g (mean + std of their IoUs).
+    _C.DISTILL.LD.TOPK = 9
+    _C.DISTILL.LD.DECAY = False
+    add_gfl_config(cfg)  # so every d2kd config loader knows d2kd's GFL meta-architecture
+    return cfg
+
+
+def add_gfl_config(cfg):
+    """Add ``MODEL.GFL``, the config of d2kd's GFL meta-architecture, in place.
+
+    ``add_distill_config`` calls it. To run a GFL config in stock detectron2: ``import d2kd``
+    (registers "GFL"), ``cfg = get_cfg(); add_gfl_config(cfg); cfg.merge_from_file(...)``.
+    """
+    _C = cfg
+    _C.MODEL.GFL = CN()
+    _C.MODEL.GFL.NUM_CLASSES = 80
+    _C.MODEL.GFL.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # Convs (3x3 + norm + ReLU) in each of the class and box towers, shared across levels.
+    _C.MODEL.GFL.NUM_CONVS = 4
+    # "GN" (GFL's: 32 groups), "BN" / "SyncBN" (one per level, as RetinaNet's head), or "".
+    # GN needs more than one value per group: with 32 channels and 1x1 maps (p7 of images up
+    # to 128 px) it fails at batch-1 inference; use BN there.
+    _C.MODEL.GFL.NORM = "GN"
+    _C.MODEL.GFL.PRIOR_PROB = 0.01
+    # n: each box edge is a distribution over {0..n} stride units from the anchor centre.
+    _C.MODEL.GFL.REG_MAX = 16
+    # One square anchor per location, of side OCTAVE_BASE_SCALE x stride (MODEL.ANCHOR_GENERATOR
+    # is not read, except its OFFSET); ATSS assigns with TOPK candidates per level.
+    _C.MODEL.GFL.OCTAVE_BASE_SCALE = 8.0
+    _C.MODEL.GFL.TOPK = 9
+    # Quality focal loss beta and the loss weights (GFL's: QFL 1, DFL 0.25, GIoU 2).
+    _C.MODEL.GFL.QFL_BETA = 2.0
+    _C.MODEL.GFL.QFL_WEIGHT = 1.0
+    _C.MODEL.GFL.DFL_WEIGHT = 0.25
+    _C.MODEL.GFL.GIOU_WEIGHT = 2.0
+    # Inference (GFL's test settings: score 0.05, 1000 candidates per level, NMS 0.6, 100 boxes).
+    _C.MODEL.GFL.SCORE_THRESH_TEST = 0.05
+    _C.MODEL.GFL.TOPK_CANDIDATES_TEST = 1000
+    _C.MODEL.GFL.NMS_THRESH_TEST = 0.6
+    _C.MODEL.GFL.MAX_DETECTIONS_PER_IMAGE = 100
     return cfg
 
 

@@ -16,14 +16,21 @@ from detectron2.utils import comm
 from .checkpoint import AtomicDetectionCheckpointer
 from .config import load_config
 from .engine import DistillTrainer
+from .engine.trainer import allow_pickle
 from .export import StudentCheckpointer, build_student
 from .modeling.kinds import is_distill_meta_arch
+from .utils.logging import plain_config_dump, setup_d2kd_logger
 
 
 def setup(args):
+    """Config, then detectron2's ``default_setup`` (its logger, the config saved to
+    OUTPUT_DIR), then the ``d2kd`` logger set up the same way: stdout on the main process,
+    ``OUTPUT_DIR/log.txt`` on every rank. Colour only on a terminal, as detectron2's logger."""
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
-    default_setup(cfg, args)
+    with plain_config_dump():
+        default_setup(cfg, args)
+    setup_d2kd_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank())
     return cfg
 
 
@@ -33,10 +40,11 @@ def main(args):
         if is_distill_meta_arch(cfg.MODEL.META_ARCHITECTURE):
             # Inference is the student alone: no teacher is built or loaded.
             model = build_student(cfg)
-            checkpointer = StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+            checkpointer = StudentCheckpointer(model, save_dir=cfg.OUTPUT_DIR, allow_pickle=allow_pickle(cfg))
         else:
             model = DistillTrainer.build_model(cfg)
-            checkpointer = AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+            checkpointer = AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR,
+                                                       allow_pickle=allow_pickle(cfg))
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = DistillTrainer.test(cfg, model)
         if comm.is_main_process():

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -154,3 +155,50 @@ def test_a_finished_stage_is_reused_and_an_interrupted_one_resumes(tmp_path, sha
 
     monkeypatch.setattr(experiment.DistillTrainer, "train", must_not_train)
     assert json.dumps(experiment.train_and_evaluate(config_file, out)) == json.dumps(results)
+
+
+RANK_KILLING_LAUNCHER = '''
+import os, time
+from d2kd.engine import DistillTrainer
+
+run_step = DistillTrainer.run_step
+
+
+def run_step_losing_rank_1(self):  # top level: spawned workers run it too
+    from detectron2.utils import comm
+
+    if comm.get_rank() == 1 and self.iter == 2:
+        with open(os.environ["KILLED_AT"], "w") as f:
+            f.write(repr(time.time()))
+        os.kill(os.getpid(), 9)
+    return run_step(self)
+
+
+DistillTrainer.run_step = run_step_losing_rank_1
+from d2kd.train_net import invoke_main
+
+if __name__ == "__main__":
+    invoke_main()
+'''
+
+
+def test_a_two_rank_run_that_loses_a_rank_exits_non_zero_within_seconds(tmp_path, shapes_cache):
+    cfg = training_cfg(tmp_path, max_iter=50)
+    cfg.SOLVER.IMS_PER_BATCH = 4  # 2 per process
+    cfg.SOLVER.CHECKPOINT_PERIOD = 1000
+    config_file = write_yaml(cfg, tmp_path / "distill.yaml")
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(RANK_KILLING_LAUNCHER)
+    killed_at = tmp_path / "killed_at"
+    env = dict(os.environ, D2KD_CACHE=str(shapes_cache), OMP_NUM_THREADS="1", KILLED_AT=str(killed_at))
+    proc = subprocess.run(
+        [sys.executable, str(launcher), "--config-file", config_file, "--num-gpus", "2", "MODEL.DEVICE", "cpu"],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300,
+    )
+    ended = time.time()
+    log = proc.stdout + proc.stderr
+    assert killed_at.exists(), log[-3000:]
+    assert proc.returncode != 0
+    assert ended - float(killed_at.read_text()) < 20, log[-2000:]
+    assert "Starting training from iteration 0" in log
+    assert not os.path.exists(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))

@@ -6,7 +6,7 @@ from typing import Dict, Iterable, List, Tuple
 
 import numpy as np
 import torch
-from detectron2.data import DatasetMapper, get_detection_dataset_dicts
+from detectron2.data import DatasetMapper, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.data import transforms as T
 from detectron2.engine import HookBase
 from detectron2.structures import BoxMode
@@ -148,11 +148,41 @@ def images_and_classes(subsets: Dict[int, np.ndarray]) -> List[Tuple[int, List[i
     return [(i, sorted(drawn[i])) for i in sorted(drawn)]
 
 
-def rebuild_bank(bank, features: InstanceFeatureSets, alpha: float, device=None) -> None:
+def _class_name(c: int, class_names) -> str:
+    return f"{c} ({class_names[c]})" if class_names and c < len(class_names) else str(c)
+
+
+def check_finite_features(stride: int, cls: int, f_s: Tensor, f_t: Tensor, iteration=None, class_names=None) -> None:
+    """Raise FloatingPointError naming the model, stride, class and iteration when an
+    instance feature is NaN or infinite (a build on such features would select garbage)."""
+    at = f"at iteration {iteration}" if iteration is not None else "in this build"
+    for side, f in (("student", f_s), ("teacher", f_t)):
+        if torch.isfinite(f).all():
+            continue
+        bad = int((~torch.isfinite(f)).any(dim=1).sum()) if f.dim() == 2 else -1
+        where = (f"the {side}'s instance features of class {_class_name(cls, class_names)} at stride "
+                 f"{stride} are not finite (NaN/inf; {bad} of {len(f)} instances) in the prototype build {at}")
+        if side == "student":
+            raise FloatingPointError(
+                f"{where}: training diverged before this build. Lower SOLVER.BASE_LR, enable "
+                "SOLVER.CLIP_GRADIENTS, or resume from an earlier checkpoint"
+            )
+        raise FloatingPointError(
+            f"{where}: the teacher is frozen, so its weights (DISTILL.TEACHER.WEIGHTS) diverged "
+            "when it was trained, or the input images hold NaN/inf"
+        )
+
+
+def rebuild_bank(bank, features: InstanceFeatureSets, alpha: float, device=None, iteration=None,
+                 class_names=None) -> None:
     """Select K prototypes per (stride, class) and write them into ``bank``.
 
-    Classes without instances get no prototypes (all slots invalid).
+    Classes without instances get no prototypes (all slots invalid). Non-finite features
+    raise FloatingPointError naming model, stride, class and ``iteration``.
     """
+    for s in bank.strides:  # all of them first: a diverged model leaves the bank untouched
+        for c, (f_s, f_t, _) in sorted(features.get(s, {}).items()):
+            check_finite_features(s, c, f_s, f_t, iteration, class_names)
     for s in bank.strides:
         per_class = features.get(s, {})
         for c in range(bank.num_classes):
@@ -165,6 +195,65 @@ def rebuild_bank(bank, features: InstanceFeatureSets, alpha: float, device=None)
             chosen = select_prototypes(f_s, f_t, bank.num_prototypes, alpha=alpha)
             bank.set_class(s, c, f_s[chosen], f_t[chosen], source[chosen.cpu()])
     bank.num_builds += 1
+    bank.rebuild_reason = ""
+
+
+def build_report(bank, features: InstanceFeatureSets, num_images: int, elapsed: float, iteration: int,
+                 min_size: float, class_names=None) -> Tuple[str, List[str]]:
+    """The log line of a build (images, instances and prototypes per class and stride, time)
+    and the warnings for classes and strides left without prototypes."""
+    from tabulate import tabulate
+
+    rows = []
+    for c in range(bank.num_classes):
+        row = [_class_name(c, class_names)]
+        for s in bank.strides:
+            per_class = features.get(s, {})
+            n = len(per_class[c][0]) if c in per_class else 0
+            row.append(f"{n} -> {int(bank.prototypes_per_class(s)[c])}")
+        rows.append(row)
+    instances = max((sum(len(f[0]) for f in features.get(s, {}).values()) for s in bank.strides), default=0)
+    table = tabulate(rows, headers=["class"] + [f"stride {s}: instances -> prototypes" for s in bank.strides],
+                     tablefmt="pipe")
+    message = (f"Prototype build at iteration {iteration}: {num_images} images, {instances} instances, "
+               f"{elapsed:.2f}s (counted as hook time)\n{table}")
+    warnings = []
+    counts = torch.stack([bank.prototypes_per_class(s) for s in bank.strides])  # (S, C)
+    empty_classes = [c for c in range(bank.num_classes) if int(counts[:, c].sum()) == 0]
+    empty_strides = [s for i, s in enumerate(bank.strides) if int(counts[i].sum()) == 0]
+    hint = (f"A class needs at least 2 distinct instances wider and higher than "
+            f"DISTILL.PROTOTYPES.MIN_SIZE={min_size:g} original-image pixels among its "
+            "DISTILL.PROTOTYPES.MAX_IMAGES images of DATASETS.TRAIN; lower MIN_SIZE or check the "
+            "annotations")
+    if len(empty_classes) == bank.num_classes:
+        warnings.append(
+            f"THE PROTOTYPE BANK BUILT AT ITERATION {iteration} IS EMPTY: no class has a prototype "
+            f"({instances} instances found in {num_images} images). GK's global term is 0 and every "
+            f"robust weight is 1 until the next build. {hint}"
+        )
+    else:
+        if empty_classes:
+            names = ", ".join(_class_name(c, class_names) for c in empty_classes)
+            warnings.append(
+                f"The prototype build at iteration {iteration} left {len(empty_classes)} of "
+                f"{bank.num_classes} classes without any prototype: {names}. They get no global "
+                f"term and robust weight 1. {hint}"
+            )
+        if empty_strides:
+            warnings.append(
+                f"The prototype build at iteration {iteration} left stride(s) {empty_strides} without "
+                "any prototype: nothing is distilled globally there. Check DISTILL.PROTOTYPES.STRIDES "
+                "and the features at those strides"
+            )
+    return message, warnings
+
+
+def _thing_classes(dataset_names):
+    for name in dataset_names:
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes:
+            return list(classes)
+    return None
 
 
 class PrototypeRefreshHook(HookBase):
@@ -176,6 +265,10 @@ class PrototypeRefreshHook(HookBase):
     features from its share of them; the features are gathered, the main process selects
     the prototypes, and every rank receives the main process' bank, so all ranks hold
     identical prototypes.
+
+    Each build is logged (images, instances and prototypes per class and stride, time), with a
+    warning for classes or strides left without prototypes. The trainer puts this hook before
+    detectron2's IterationTimer, so a build counts as hook time, not iteration time.
     """
 
     def __init__(self, cfg):
@@ -188,6 +281,7 @@ class PrototypeRefreshHook(HookBase):
         self.batch_size = max(1, cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
         self.seed = cfg.SEED
         self._dataset_names = cfg.DATASETS.TRAIN
+        self._class_names = _thing_classes(cfg.DATASETS.TRAIN)
         self._dataset = None
         self._images = None
         self._mapper = annotated_test_mapper(cfg)
@@ -215,11 +309,21 @@ class PrototypeRefreshHook(HookBase):
             self._images = images_and_classes(subsets)
         return self._images
 
+    def _map(self, j: int) -> dict:
+        record = self._dataset[j]
+        try:
+            return self._mapper(record)
+        except OSError as e:  # a missing or unreadable image: name it and its dataset
+            raise FileNotFoundError(
+                f"the prototype build cannot read image {record.get('file_name')!r} (entry {j} of "
+                f"DATASETS.TRAIN {tuple(self._dataset_names)}): {e}"
+            ) from e
+
     def _batches(self):
         mine = self.images()[comm.get_rank():: comm.get_world_size()]
         for i in range(0, len(mine), self.batch_size):
             yield [
-                dict(self._mapper(self._dataset[j]), d2kd_index=int(j), d2kd_classes=classes)
+                dict(self._map(j), d2kd_index=int(j), d2kd_classes=classes)
                 for j, classes in mine[i: i + self.batch_size]
             ]
 
@@ -227,22 +331,25 @@ class PrototypeRefreshHook(HookBase):
         start = time.perf_counter()
         model = self._model()
         bank = model.prototype_bank
+        if bank.rebuild_reason:
+            logger.warning(f"Rebuilding the prototype bank at iteration {iteration}: {bank.rebuild_reason}")
         local = collect_instance_features(model, self._batches(), self.min_size)
         merged = merge_feature_sets(comm.all_gather(local))
         if comm.is_main_process():
-            rebuild_bank(bank, merged, self.alpha, device=model.device)
+            rebuild_bank(bank, merged, self.alpha, device=model.device, iteration=iteration,
+                         class_names=self._class_names)
         state = comm.all_gather(
             {k: v.cpu() for k, v in bank.state_dict().items()} if comm.is_main_process() else None
         )[0]
         bank.load_state_dict(state)
+        bank.rebuild_reason = ""
         elapsed = time.perf_counter() - start
+        message, warnings = build_report(bank, merged, len(self.images()), elapsed, iteration,
+                                         self.min_size, self._class_names)
+        logger.info(message)
+        for w in warnings:
+            logger.warning(w)
         counts = torch.stack([bank.prototypes_per_class(s) for s in bank.strides]).float()
-        instances = sum(len(f[0]) for per_class in merged.values() for f in per_class.values())
-        logger.info(
-            f"Prototypes built at iteration {iteration} in {elapsed:.1f}s from "
-            f"{instances // max(len(bank.strides), 1)} instances: {counts.mean():.1f} per class "
-            f"and stride on average, {int((counts.sum(0) == 0).sum())} classes without any"
-        )
         storage = get_event_storage()
         storage.put_scalar("distill/prototype_refresh_time", elapsed, smoothing_hint=False)
         storage.put_scalar("distill/prototypes_per_class", counts.mean().item(), smoothing_hint=False)

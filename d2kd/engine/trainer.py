@@ -4,7 +4,6 @@ import logging
 import os
 import weakref
 
-import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
@@ -15,26 +14,60 @@ from torch.nn.parallel import DistributedDataParallel
 from ..checkpoint import AtomicDetectionCheckpointer
 from ..data.shapes import DATASET_PREFIX as SHAPES_PREFIX
 from ..data.shapes import ensure_shapes_generated
+from ..utils.atomic import remove_stale_temporaries
+from ..utils.logging import setup_d2kd_logger
 
 logger = logging.getLogger(__name__)
 
+# What detectron2's register_pascal_voc puts into a dataset's metadata (besides thing_classes).
+VOC_METADATA = ("dirname", "split", "year")
+
+
+class NoEvaluatorError(RuntimeError):
+    """A dataset in DATASETS.TEST has no evaluator (a RuntimeError, not the NotImplementedError
+    that detectron2's ``DefaultTrainer.test`` swallows into an empty result and exit code 0)."""
+
+
+def evaluator_kind(dataset_name: str) -> str:
+    """``"coco"`` or ``"pascal_voc"``, from the dataset's metadata.
+
+    ``evaluator_type`` decides when set. Without it, a dataset registered with detectron2's
+    ``register_pascal_voc`` (metadata ``dirname``, ``split``, ``year``) is VOC, and one with a
+    ``json_file`` is COCO. Anything else raises :class:`NoEvaluatorError` naming the dataset
+    and the fix.
+    """
+    meta = MetadataCatalog.get(dataset_name)
+    kind = meta.get("evaluator_type", None)
+    if kind is None and all(meta.get(k, None) is not None for k in VOC_METADATA):
+        kind = "pascal_voc"
+    if kind is None and meta.get("json_file", None):
+        kind = "coco"
+    if kind == "pascal_voc" and meta.get("year", None) not in (2007, 2012):
+        raise NoEvaluatorError(
+            f"dataset '{dataset_name}' is registered the VOC way with year={meta.get('year', None)!r}; "
+            "detectron2's VOC evaluator needs year 2012 (area-under-curve AP) or 2007 (11-point AP). "
+            f"Register it with register_pascal_voc('{dataset_name}', dirname, split, 2012, class_names)"
+        )
+    if kind not in ("coco", "pascal_voc"):
+        raise NoEvaluatorError(
+            f"no evaluator for dataset '{dataset_name}' (in DATASETS.TEST; metadata evaluator_type="
+            f"{kind!r}): d2kd evaluates COCO- and VOC-format datasets. Register it with "
+            "detectron2.data.datasets.register_coco_instances (a COCO json) or register_pascal_voc "
+            f"(VOC folders), or set MetadataCatalog.get('{dataset_name}').evaluator_type to 'coco' "
+            "or 'pascal_voc' (see datasets/README.md); or leave it out of DATASETS.TEST"
+        )
+    return kind
+
 
 def build_evaluator(cfg, dataset_name, output_folder=None):
-    """COCO or VOC evaluation, chosen by the dataset's ``evaluator_type`` metadata."""
+    """COCO or VOC evaluation, chosen by :func:`evaluator_kind`."""
     output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-    meta = MetadataCatalog.get(dataset_name)
-    kind = getattr(meta, "evaluator_type", None)
+    kind = evaluator_kind(dataset_name)
     if kind == "coco":
         if dataset_name.startswith(SHAPES_PREFIX):
             ensure_shapes_generated(dataset_name)  # COCOEvaluator reads the json it writes
         return COCOEvaluator(dataset_name, output_dir=output_folder)
-    if kind == "pascal_voc":
-        return PascalVOCDetectionEvaluator(dataset_name)
-    raise NotImplementedError(
-        f"no evaluator for dataset '{dataset_name}' (metadata evaluator_type={kind!r}); d2kd "
-        "evaluates 'coco' and 'pascal_voc' datasets. Register a COCO-format dataset with "
-        "detectron2.data.datasets.register_coco_instances (see datasets/README.md)"
-    )
+    return PascalVOCDetectionEvaluator(dataset_name)
 
 
 def create_ddp_model(model, **kwargs):
@@ -46,16 +79,30 @@ def create_ddp_model(model, **kwargs):
     return DistributedDataParallel(model, **kwargs)
 
 
+def allow_pickle(cfg) -> bool:
+    """``DISTILL.TEACHER.ALLOW_PICKLE`` (False for a config without the DISTILL node)."""
+    return bool("DISTILL" in cfg and cfg.DISTILL.TEACHER.get("ALLOW_PICKLE", False))
+
+
 class DistillTrainer(DefaultTrainer):
     """Trains a Distill* model (or any detectron2 model) the way DefaultTrainer does."""
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__, with two changes: DDP also works for CPU models (gloo), and
-        # checkpoints are written atomically.
+        # DefaultTrainer.__init__, with these changes: DDP also works for CPU models (gloo),
+        # checkpoints are written atomically and loaded safely, temporaries of killed writers
+        # are removed, the d2kd logger is set up, and a test set without an evaluator fails now
+        # rather than after training.
         TrainerBase.__init__(self)
         logger_ = logging.getLogger("detectron2")
         if not logger_.isEnabledFor(logging.INFO):
             setup_logger()
+        if not logging.getLogger("d2kd").isEnabledFor(logging.INFO):
+            setup_d2kd_logger(distributed_rank=comm.get_rank())
+        if comm.is_main_process():
+            remove_stale_temporaries(cfg.OUTPUT_DIR)
+        if type(self).build_evaluator.__func__ is DistillTrainer.build_evaluator.__func__:
+            for name in cfg.DATASETS.TEST:
+                evaluator_kind(name)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -65,7 +112,7 @@ class DistillTrainer(DefaultTrainer):
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicDetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            model, cfg.OUTPUT_DIR, allow_pickle=allow_pickle(cfg), trainer=weakref.proxy(self)
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -78,11 +125,28 @@ class DistillTrainer(DefaultTrainer):
         if getattr(model, "prototype_bank", None) is not None:
             from .prototype_refresh import PrototypeRefreshHook
 
-            # Right after the timer: before the checkpointer, so a checkpoint taken at a refresh
-            # iteration holds the new prototypes.
-            ret.insert(1, PrototypeRefreshHook(self.cfg))
+            # First, before the IterationTimer: a build runs in before_step ahead of the timer's
+            # start, so it counts as hook time, not as the iteration's time. And before the
+            # checkpointer, so a checkpoint taken at a refresh iteration holds the new prototypes.
+            ret.insert(0, PrototypeRefreshHook(self.cfg))
         return ret
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_evaluator(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test, except that a dataset without an evaluator is an error
+        (detectron2 logs "No evaluator found" and returns an empty result)."""
+        if evaluators is None:
+            evaluators = []
+            for name in cfg.DATASETS.TEST:
+                try:
+                    evaluators.append(cls.build_evaluator(cfg, name))
+                except NotImplementedError as e:
+                    raise NoEvaluatorError(
+                        f"no evaluator for dataset '{name}' in DATASETS.TEST ({e}); implement "
+                        f"{cls.__name__}.build_evaluator for it, or see datasets/README.md"
+                    ) from e
+        return super().test(cfg, model, evaluators)

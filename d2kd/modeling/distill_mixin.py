@@ -60,6 +60,7 @@ class DistillSetup:
     teacher_kind: DetectorKind
     teacher_weights: str
     heads: nn.ModuleDict
+    allow_pickle: bool = False
     prototype_cfg: object = None
     start_iter: int = 0
     max_iter: int = 1
@@ -83,6 +84,7 @@ def build_distill_setup(cfg, student_backbone) -> DistillSetup:
         teacher_kind=teacher_kind,
         teacher_weights=cfg.DISTILL.TEACHER.WEIGHTS,
         heads=heads,
+        allow_pickle=cfg.DISTILL.TEACHER.ALLOW_PICKLE,
         prototype_cfg=cfg,
         start_iter=cfg.DISTILL.SCHEDULE.START_ITER,
         max_iter=cfg.SOLVER.MAX_ITER,
@@ -144,7 +146,7 @@ class DistillMixin:
                 setup.prototype_cfg, shapes_by_stride(self.backbone),
                 shapes_by_stride(teacher.backbone), self.kind.num_classes(self),
             )
-        load_teacher_weights(teacher, setup.teacher_weights)
+        load_teacher_weights(teacher, setup.teacher_weights, allow_pickle=setup.allow_pickle)
         self._recorder = Recorder(self, self.kind.recorded)
         self.teacher_recorder = Recorder(teacher, self.teacher_kind.recorded)
         teacher.to(self.device)

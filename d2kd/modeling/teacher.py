@@ -7,7 +7,15 @@ from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 from torch import nn
 
-from ..checkpoint import IncompatibleCheckpointError, StrictDetectionCheckpointer
+from ..checkpoint import (
+    DISTILL_STATE_PREFIXES,
+    CheckpointReadError,
+    IncompatibleCheckpointError,
+    StrictDetectionCheckpointer,
+    UntrustedPickleError,
+    check_pickle_allowed,
+    is_trusted_pickle,
+)
 from ..config import TeacherConfigError, add_distill_config, resolve_teacher_config_file
 from .kinds import DetectorKind, is_distill_meta_arch, kind_of
 
@@ -63,17 +71,23 @@ def check_same_classes(student: nn.Module, student_kind: DetectorKind, teacher: 
         )
 
 
-def load_teacher_weights(teacher, weights: str) -> None:
+def load_teacher_weights(teacher, weights: str, allow_pickle: bool = False) -> None:
     """Load ``weights`` into ``teacher`` with its own checkpointer; every mismatch is an error.
 
     The teacher gets its own checkpointer (so suffix matching never sees the student), and any
-    missing, unexpected or mis-shaped key raises, listing them.
+    missing, unexpected or mis-shaped key raises, summarised. A ``.pth`` is read with
+    ``weights_only=True``; a ``.pkl`` only from detectron2's model zoo unless ``allow_pickle``
+    (``DISTILL.TEACHER.ALLOW_PICKLE``).
     """
     if not weights:
         raise TeacherConfigError(
             "DISTILL.TEACHER.WEIGHTS is empty: a teacher must be trained. Set it to the teacher's "
             "checkpoint (a path, a URL or a detectron2:// URI)"
         )
+    try:
+        check_pickle_allowed(weights, allow_pickle, key="DISTILL.TEACHER.WEIGHTS")
+    except UntrustedPickleError as e:
+        raise TeacherConfigError(str(e)) from None
     try:
         local = PathManager.get_local_path(weights)
     except Exception as e:  # download errors come in many types; name the key in any case
@@ -86,12 +100,25 @@ def load_teacher_weights(teacher, weights: str) -> None:
             "point the key at its checkpoint"
         )
     try:
-        StrictDetectionCheckpointer(teacher).load(local)
+        # the check above judged the path the user gave; ``local`` may be a download cache
+        trusted = allow_pickle or is_trusted_pickle(weights)
+        StrictDetectionCheckpointer(teacher, allow_pickle=trusted).load(local)
     except IncompatibleCheckpointError as e:
+        fix = (
+            "Point DISTILL.TEACHER.WEIGHTS at the teacher's own checkpoint (its OUTPUT_DIR/"
+            "model_final.pth); to use a distilled student as a teacher, export it with "
+            "tools/export_student.py and use the exported config and weights"
+            if any(k.startswith(DISTILL_STATE_PREFIXES) for k in e.unexpected)
+            else "Point DISTILL.TEACHER.CONFIG_FILE at the config the teacher was trained with, "
+            "or DISTILL.TEACHER.WEIGHTS at the teacher trained with that config"
+        )
         raise TeacherConfigError(
             f"DISTILL.TEACHER.WEIGHTS = '{weights}' does not match the model built from "
-            f"DISTILL.TEACHER.CONFIG_FILE; {e}"
+            f"DISTILL.TEACHER.CONFIG_FILE: {e}. {fix}"
         ) from None
-    except RuntimeError as e:  # unreadable file, reported by the checkpointer's _load_file
-        raise TeacherConfigError(f"DISTILL.TEACHER.WEIGHTS: {e}") from e
+    except CheckpointReadError as e:
+        raise TeacherConfigError(
+            f"DISTILL.TEACHER.WEIGHTS: {e}. Copy the teacher's checkpoint again, or point the key "
+            "at another (e.g. the teacher's OUTPUT_DIR/model_final.pth)"
+        ) from e
     logger.info(f"Loaded teacher weights from {weights}")

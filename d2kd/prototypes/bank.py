@@ -1,4 +1,5 @@
 """The prototype bank: per stride and class, K student and K teacher prototypes, as model state."""
+import logging
 from typing import Dict, List
 
 import torch
@@ -7,6 +8,8 @@ from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
 from ..structures import select_strides
+
+logger = logging.getLogger(__name__)
 
 
 class PrototypeBank(nn.Module):
@@ -17,6 +20,11 @@ class PrototypeBank(nn.Module):
     identical in shape on every rank. A class with fewer than K prototypes has the rest
     marked invalid; a class with none has no valid slot and counts as "no prototypes"
     (robust weight 1, no global term). ``num_builds`` counts the builds so far.
+
+    A checkpoint's bank that does not fit this one (other ``DISTILL.PROTOTYPES.NUM`` or
+    ``STRIDES``, classes or channels) is never half-loaded: the whole bank is left unbuilt,
+    with a warning saying why, so the refresh hook rebuilds it at the next step (from
+    ``DISTILL.PROTOTYPES.START_ITER`` on). ``rebuild_reason`` keeps the why for its log line.
     """
 
     def __init__(self, strides: List[int], student_channels: Dict[int, int],
@@ -32,6 +40,7 @@ class PrototypeBank(nn.Module):
             # where each prototype came from: (dataset index, x1, y1, x2, y2), -1 if unknown
             self.register_buffer(f"source_s{s}", torch.full((num_classes, num_prototypes, 5), -1.0))
         self.register_buffer("num_builds", torch.zeros((), dtype=torch.long))
+        self.rebuild_reason = ""
 
     @classmethod
     def from_config(cls, cfg, student_shapes: Dict[int, ShapeSpec], teacher_shapes: Dict[int, ShapeSpec],
@@ -48,6 +57,43 @@ class PrototypeBank(nn.Module):
             num_classes,
             cfg.DISTILL.PROTOTYPES.NUM,
         )
+
+    # ---- checkpoints ----
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        own = {name: buf for name, buf in self._buffers.items() if name not in self._non_persistent_buffers_set}
+        saved_builds = state_dict.get(prefix + "num_builds")
+        problems = []
+        for name, buf in own.items():
+            value = state_dict.get(prefix + name)
+            if value is None:
+                problems.append(f"{name} absent")
+            elif tuple(value.shape) != tuple(buf.shape):
+                problems.append(f"{name} {tuple(value.shape)} instead of {tuple(buf.shape)}")
+        if saved_builds is None or not problems:
+            # no bank in the file (e.g. a plain detector's weights), or one that fits
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                                 missing_keys, unexpected_keys, error_msgs)
+        # A bank that does not fit: load none of it, so that it counts as unbuilt. (fvcore drops
+        # mis-shaped entries before this is called; those show up as absent.)
+        for name in own:
+            if prefix + name not in missing_keys:
+                missing_keys.append(prefix + name)
+        with torch.no_grad():
+            for name, buf in own.items():
+                buf.fill_(-1.0 if name.startswith("source_") else 0)
+        if int(saved_builds) > 0:
+            self.rebuild_reason = (
+                f"the checkpoint's prototype bank does not fit this model ({len(problems)} of its "
+                f"{len(own)} buffers absent or of another shape, e.g. {'; '.join(problems[:2])}; "
+                "mis-shaped ones are skipped by the checkpointer, which warns about each): "
+                "DISTILL.PROTOTYPES.NUM or STRIDES, the classes or the channels differ from the run "
+                "that saved it"
+            )
+            logger.warning(
+                f"{self.rebuild_reason}. The bank is left unbuilt and will be rebuilt at the next "
+                "training step (from DISTILL.PROTOTYPES.START_ITER on), not restored"
+            )
 
     # ---- access ----
     def student(self, stride: int) -> Tensor:

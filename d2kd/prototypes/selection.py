@@ -262,7 +262,11 @@ def select_prototypes(
         a = student_feats.detach().to(dtype)
         b = teacher_feats.detach().to(dtype)
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise ValueError("select_prototypes got non-finite (inf/NaN) features")
+            bad = [name for name, x in (("student", a), ("teacher", b)) if not torch.isfinite(x).all()]
+            raise ValueError(
+                f"select_prototypes got non-finite (inf/NaN) {' and '.join(bad)} features "
+                f"({n} instances): the model that produced them has diverged"
+            )
         a = _unit_rows(a, eps)
         b = _unit_rows(b, eps)
 
