@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The demo's comparison over several seeds, for every method: is the gain real?
 
-    python benchmarks/bench_shapes_seeds.py --seeds 0 1 2 --methods gk fitnet kd
+    python benchmarks/bench_shapes_seeds.py --seeds 0 1 2 --methods gk fitnet kd pkd fgfi defeat \
+        defeat_rw kd_rw rkd rkd_global gk_pkd
 
 One teacher (seed 0) is trained once and shared, as a released teacher would be; the student
 alone and each distilled student are trained once per seed (stages run one per CPU core).
@@ -23,9 +24,13 @@ CONFIGS = os.path.join(REPO, "configs", "shapes")
 TEACHER = os.path.join(CONFIGS, "faster_rcnn_R_18_FPN_1k_shapes.yaml")
 STUDENT = os.path.join(CONFIGS, "faster_rcnn_R_18_half_FPN_1k_shapes.yaml")
 METHOD_CONFIGS = {
-    "gk": os.path.join(CONFIGS, "gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"),
-    "fitnet": os.path.join(CONFIGS, "fitnet_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"),
-    "kd": os.path.join(CONFIGS, "kd_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"),
+    name: os.path.join(CONFIGS, f"{file}_faster_rcnn_R_18_half_FPN_1k{variant}_shapes.yaml")
+    for name, file, variant in [
+        ("gk", "gk", ""), ("fitnet", "fitnet", ""), ("kd", "kd", ""), ("pkd", "pkd", ""),
+        ("fgfi", "fgfi", ""), ("defeat", "defeat", ""), ("defeat_rw", "defeat", "_rw"),
+        ("kd_rw", "kd", "_rw"), ("rkd", "rkd", ""), ("rkd_global", "rkd", "_global"),
+        ("gk_pkd", "gk", "_withpkd"),
+    ]
 }
 
 

@@ -26,6 +26,8 @@ class DetectorKind:
         num_classes (callable): model -> C, its number of foreground classes.
         anchor_generator (callable): model -> the anchor generator its anchors come from.
         describe (str): for error messages.
+        model_class (type or None): when set, the kind matches exactly the instances of this
+            class (e.g. d2kd's GFL); else the kind's structural test below.
     """
 
     name: str
@@ -34,8 +36,11 @@ class DetectorKind:
     num_classes: Callable[[nn.Module], int] = field(hash=False)
     anchor_generator: Callable[[nn.Module], nn.Module] = field(hash=False)
     describe: str = ""
+    model_class: Optional[type] = field(default=None, hash=False)
 
     def matches(self, model: nn.Module) -> bool:
+        if self.model_class is not None:
+            return isinstance(model, self.model_class)
         if self.name == "two_stage":
             return (
                 isinstance(model, GeneralizedRCNN)
@@ -70,7 +75,10 @@ DENSE = DetectorKind(
     describe="a dense one-stage detector (a detectron2 DenseDetector such as RetinaNet)",
 )
 
-KINDS = (TWO_STAGE, DENSE)
+# Tried in order by kind_of(), the more specific first. A module that defines a kind for its own
+# detector class inserts it before the structural kind it would otherwise fall under
+# (d2kd.modeling.gfl puts GFL_KIND before DENSE).
+KINDS = [TWO_STAGE, DENSE]
 
 # Distill meta-architecture name -> class; filled by DistillMixin.__init_subclass__.
 DISTILL_META_ARCHS: Dict[str, type] = {}

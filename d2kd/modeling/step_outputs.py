@@ -171,9 +171,12 @@ class ModelStepOutputs(StepOutputs):
             labels = None
             matcher = model.proposal_generator.anchor_matcher
         anchors = Boxes.cat(level_anchors)
+        # A detector whose assignment is not the arg-max IoU (GFL's ATSS) records its own
+        # matched GT per anchor (-1 where it matched none); it takes precedence there.
+        assigned = self.record.get("dense.anchor_matched_gt")
         ious, matched, best, rows = [], [], [], []
         with torch.no_grad():
-            for gts in self.gt_instances:
+            for i, gts in enumerate(self.gt_instances):
                 iou = pairwise_iou(gts.gt_boxes, anchors)  # (G, R)
                 ious.append(iou)
                 if len(gts) == 0:
@@ -183,6 +186,9 @@ class ModelStepOutputs(StepOutputs):
                         rows.append(torch.full((len(anchors),), num_classes, dtype=torch.long, device=self.device))
                     continue
                 value, index = iou.max(dim=0)  # detectron2's Matcher picks the same arg-max
+                if assigned is not None:
+                    index = torch.where(assigned[i] >= 0, assigned[i], index)
+                    value = iou.gather(0, index[None]).squeeze(0)
                 matched.append(index)
                 best.append(value)
                 if labels is None:

@@ -35,6 +35,8 @@ REQUIREMENTS: Dict[str, str] = {
     "teacher.features": "the teacher's FPN features by stride (runs the teacher's backbone)",
     "student.dense": "the student's dense-head outputs per level (RetinaNet-like detectors)",
     "teacher.dense": "the teacher's dense-head outputs per level (runs its dense head)",
+    "student.box_distribution": "a box branch that predicts a discrete distribution per box edge (GFL)",
+    "teacher.box_distribution": "a teacher box branch that predicts a distribution per box edge (GFL)",
     "student.rpn": "the student's RPN anchors, objectness, deltas and proposals (two-stage)",
     "teacher.rpn": "the teacher's RPN outputs on its own features (runs its RPN)",
     "student.rois": "the student's sampled RoIs with labels, matched GT and box-head outputs",
