@@ -1,9 +1,20 @@
-"""Benchmark GK prototype selection against the direct candidates x D x N implementation.
+"""Benchmark GK prototype selection (PGM): the implementation before issue 12, the current
+one per pursuit method, and the direct candidates x D x N implementation.
 
 Usage:
-    python benchmarks/bench_prototype_selection.py                       # all sizes, CPU
-    python benchmarks/bench_prototype_selection.py --sizes 500 2000 --device cuda
-    python benchmarks/bench_prototype_selection.py --coco                # one COCO refresh
+    python benchmarks/bench_prototype_selection.py                       # N = 2000, 5000, 20000
+    python benchmarks/bench_prototype_selection.py --sizes 500 2000 --baseline --device cuda
+    python benchmarks/bench_prototype_selection.py --coco                # COCO-like refresh, 1/2/8 ranks
+
+Methods (all float64 picks; "same" compares each with "before"):
+
+- before: the implementation before issue 12 (float64 Gram products, P and Q cached under a
+  1 GiB bound, else recomputed every pursuit step from the residuals);
+- auto: ``select_prototypes`` as the refresh calls it (float32 Gram products verified to give
+  the float64 candidate set, pursuit by the cheapest method, usually the D x D moments);
+- cached: the same with the pursuit forced to the cached |candidates| x N products
+  (``DISTILL.PROTOTYPES.CACHE_BYTES``, 4 GiB by default);
+- baseline (``--baseline``): the direct implementation.
 
 Each (method, N) runs in its own subprocess so peak memory is attributable to it:
 on CPU "peak" is the process's peak RSS (``ru_maxrss``) minus its RSS just before the
@@ -99,8 +110,10 @@ def _peak_rss_bytes():
 
 METHODS = {
     "baseline": lambda fs, ft, k, alpha: baseline_select(fs, ft, k, alpha),
-    "fast64": lambda fs, ft, k, alpha: select_prototypes(fs, ft, k, alpha),
-    "fast32": lambda fs, ft, k, alpha: select_prototypes(fs, ft, k, alpha, dtype=torch.float32),
+    "before": lambda fs, ft, k, alpha: select_prototypes(
+        fs, ft, k, alpha, gram_dtype=None, method="cached", cache_bytes=1 << 30),
+    "auto": lambda fs, ft, k, alpha: select_prototypes(fs, ft, k, alpha),
+    "cached": lambda fs, ft, k, alpha: select_prototypes(fs, ft, k, alpha, method="cached"),
 }
 
 
@@ -147,98 +160,104 @@ def _fmt_mem(b):
 
 
 def sizes_table(args):
-    print(f"device={args.device} threads={args.threads} D={args.dim} K={args.k} "
-          f"alpha={args.alpha} memory cap for the baseline tensor={args.mem_cap_gib} GiB")
-    header = (f"{'N':>6} {'|cand|':>6} | {'fast64 s':>9} {'peak':>9} {'P,Q':>9} | "
-              f"{'fast32 s':>9} {'peak':>9} | {'baseline s':>10} {'peak':>9} "
-              f"{'GxDxN':>9} | {'speedup':>7} {'same idx':>8}")
+    print(f"device={args.device} threads={args.threads} D={args.dim} K={args.k} alpha={args.alpha} "
+          f"(clustered synthetic features; each cell its own process)")
+    methods = ["before", "auto", "cached"] + (["baseline"] if args.baseline else [])
+    header = f"{'N':>6} {'|cand|':>6} | " + " | ".join(f"{m + ' s':>11} {'peak':>9} {'same':>4}" for m in methods)
     print(header)
     print("-" * len(header))
     for n in args.sizes:
         spec = dict(n=n, dim=args.dim, k=args.k, alpha=args.alpha, seed=n,
                     device=args.device, threads=args.threads, repeats=args.repeats)
-        f64 = run_worker(dict(spec, method="fast64"))
-        if "error" in f64:
-            print(f"{n:>6} fast64 failed: {f64['error']}")
-            continue
-        f32 = run_worker(dict(spec, method="fast32"))
-        g = f64["candidates"]
-        cached = 2 * g * n * 8
-        # select_prototypes caches P, Q only under its cache_bytes default (1 GiB).
-        cached_col = _fmt_mem(cached) if cached <= (1 << 30) else "streamed"
-        big = g * args.dim * n * 4  # one float32 candidates x D x N tensor
-        if big > args.mem_cap_gib * GIB:
-            base_cols = f"{'skipped: would need ' + _fmt_mem(big) + ' per tensor':>30}"
-            speed, same = "-", "-"
-        else:
-            base = run_worker(dict(spec, method="baseline", repeats=1))
-            if "error" in base:
-                base_cols, speed, same = f"{'failed: ' + base['error'][:22]:>30}", "-", "-"
-            else:
-                base_cols = f"{base['time']:>10.3f} {_fmt_mem(base['peak']):>9} {_fmt_mem(big):>9}"
-                speed = f"{base['time'] / f64['time']:.0f}x"
-                same = "yes" if base["indices"] == f64["indices"] else "NO"
-        same32 = "" if f32.get("indices") == f64["indices"] else " (fast32 differs)"
-        print(f"{n:>6} {g:>6} | {f64['time']:>9.3f} {_fmt_mem(f64['peak']):>9} "
-              f"{cached_col:>9} | {f32['time']:>9.3f} {_fmt_mem(f32['peak']):>9} | "
-              f"{base_cols} | {speed:>7} {same:>8}{same32}", flush=True)
-    print("peak = measured (CPU: peak RSS - RSS before the call; CUDA: max allocated - "
-          "allocated before). P,Q and GxDxN = analytic size of the largest tensors "
-          "(fast64's cached inner products, or 'streamed' when they exceed its 1 GiB cache "
-          "bound and residuals are kept instead; one baseline residual tensor). Times: best of "
-          f"{args.repeats} for fast, 1 run for the baseline.")
+        results = {m: run_worker(dict(spec, method=m, repeats=1 if m in ("before", "baseline") else args.repeats))
+                   for m in methods}
+        ref = results["before"]
+        cells = []
+        for m in methods:
+            r = results[m]
+            if "error" in r:
+                cells.append(f"{'failed: ' + r['error'][:14]:>26}")
+                continue
+            same = "-" if m == "before" or "error" in ref else ("yes" if r["indices"] == ref["indices"] else "NO")
+            cells.append(f"{r['time']:>11.2f} {_fmt_mem(r['peak']):>9} {same:>4}")
+        g = ref.get("candidates", results["auto"].get("candidates", -1))
+        print(f"{n:>6} {g:>6} | " + " | ".join(cells), flush=True)
+    print("peak = measured (CPU: peak RSS - RSS before the call; CUDA: max allocated - allocated "
+          f"before). Times: best of {args.repeats} (before, baseline: 1 run). same = the same "
+          "indices as 'before'.")
+
+
+def coco_like_sizes(images: int, budget: int, min_size: float = 30):
+    """Usable instances per class in a COCO-like long-tail set with per-class image sampling
+    (up to ``budget`` images per class holding it), as the refresh draws them."""
+    from collections import Counter
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_prototype_sampling import coco_like, usable
+
+    from d2kd.engine.prototype_refresh import images_and_classes, per_class_image_subsets
+
+    records, _ = coco_like(images)
+    counts = Counter()
+    for i, classes in images_and_classes(per_class_image_subsets(records, budget, min_size, seed=0)):
+        counts.update(usable(records[i], set(classes), min_size))
+    return [counts.get(c, 0) for c in range(80)]
 
 
 def coco(args):
+    from d2kd.engine.prototype_refresh import assign_selections
+
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    classes, levels, n = 80, 5, 1000
-    print(f"COCO-sized refresh: {classes} classes x {levels} levels x {n} instances, "
-          f"D={args.dim}, K={args.k}, device={args.device}, threads={args.threads} "
-          "(selection only; data generation not timed)")
+    sizes = coco_like_sizes(args.coco_images, args.coco_budget)
+    levels = 5
+    print(f"COCO-like refresh: {args.coco_images} images, 80 long-tail classes, up to "
+          f"{args.coco_budget} images per class -> instances per class min {min(sizes)}, median "
+          f"{sorted(sizes)[40]}, max {max(sizes)}, total {sum(sizes)}; x {levels} levels, D={args.dim}, "
+          f"K={args.k}, device={args.device}, threads={args.threads} (selection only)")
+    features = {}
+    for level in range(levels):
+        features[level] = {}
+        for c, n in enumerate(sizes):
+            if n:
+                fs, ft = make_problem(n, args.dim, 1000 * level + c, device)
+                features[level][c] = (fs, ft, None)
     select_prototypes(*make_problem(64, args.dim, 1, device), args.k)  # load kernels
-    for name, dtype in (("fast64", torch.float64), ("fast32", torch.float32)):
-        total, rss0 = 0.0, _current_rss_bytes()
-        for problem in range(classes * levels):
-            fs, ft = make_problem(n, args.dim, problem, device)
-            _sync(device)
-            start = time.perf_counter()
-            select_prototypes(fs, ft, args.k, args.alpha, dtype=dtype)
-            _sync(device)
-            total += time.perf_counter() - start
-        print(f"  {name}: {total:.2f} s total, {1000 * total / (classes * levels):.1f} ms "
-              f"per class-level (peak RSS - RSS before: "
-              f"{_fmt_mem(max(0, _peak_rss_bytes() - rss0))})", flush=True)
-    if args.coco_baseline_sample:
-        total = 0.0
-        for problem in range(args.coco_baseline_sample):
-            fs, ft = make_problem(n, args.dim, problem, device)
-            start = time.perf_counter()
-            baseline_select(fs, ft, args.k, args.alpha)
-            _sync(device)
-            total += time.perf_counter() - start
-        per = total / args.coco_baseline_sample
-        print(f"  baseline: {per:.2f} s per class-level over {args.coco_baseline_sample} "
-              f"problems -> ~{per * classes * levels / 60:.0f} min for the refresh "
-              "(extrapolated)")
+    for name in ("before", "auto"):
+        fn = METHODS[name]
+        times, rss0 = {}, _current_rss_bytes()
+        for level, per_class in features.items():
+            for c, (fs, ft, _) in per_class.items():
+                _sync(device)
+                start = time.perf_counter()
+                fn(fs, ft, args.k, args.alpha)
+                _sync(device)
+                times[(level, c)] = time.perf_counter() - start
+        total = sum(times.values())
+        print(f"  {name}: {total:.2f} s on one rank ({1000 * total / len(times):.1f} ms per class-level; "
+              f"peak RSS - RSS before: {_fmt_mem(max(0, _peak_rss_bytes() - rss0))})", flush=True)
+        for world in (1, 2, 8):
+            shares = assign_selections(features, world)
+            per_rank = [sum(times[item] for item in share) for share in shares]
+            print(f"    {world} rank(s): selection time per rank max {max(per_rank):.2f} s, "
+                  f"min {min(per_rank):.2f} s (the measured per-selection times, split as the "
+                  "refresh splits them)")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[500, 1000, 2000, 5000, 20000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 5000, 20000])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--alpha", type=float, default=10.0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the fast method")
-    parser.add_argument("--mem-cap-gib", type=float, default=4.0,
-                        help="skip the baseline when one candidates x D x N float32 tensor "
-                             "would exceed this")
-    parser.add_argument("--coco", action="store_true", help="time one COCO-sized refresh")
-    parser.add_argument("--coco-baseline-sample", type=int, default=2,
-                        help="with --coco: time the baseline on this many problems and "
-                             "extrapolate (0: skip)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also time the direct candidates x D x N implementation (slow)")
+    parser.add_argument("--coco", action="store_true", help="time one COCO-like refresh, 1/2/8 ranks")
+    parser.add_argument("--coco-images", type=int, default=118000)
+    parser.add_argument("--coco-budget", type=int, default=800, help="images per class")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

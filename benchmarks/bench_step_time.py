@@ -3,6 +3,7 @@
 plus the part of the teacher that head needs, on the built-in shapes configs.
 
     python benchmarks/bench_step_time.py [--iters 40] [--device cpu] [--heads gk fitnet kd]
+        [--profile 5]   # also: torch.profiler table of 5 GK steps (top ops by self CPU time)
 
 Every variant runs the same batches (forward + backward + SGD step), round-robin (batch 1
 for every variant, then batch 2, ...), so a busy moment of the machine hits them all alike.
@@ -11,6 +12,12 @@ declared requirements run (``model.teacher_parts()``): the backbone, and the box
 many RoIs as the student samples, or the dense head. The table gives the median seconds per
 step with the interquartile range, the ratio to the student alone and to the floor. The
 teacher has random weights: speed does not depend on them.
+
+Peak memory of one step per variant (after the timed steps, same batch): on CUDA
+``torch.cuda.max_memory_allocated`` minus the memory allocated before the step; on CPU the
+peak of the torch tensors alive during the step in ``torch.profiler``'s memory timeline
+(``profile_memory``; parameters, gradients and optimizer state it sees included; allocator
+slack and non-torch memory not), or "not measured" where the profiler cannot give it.
 """
 import argparse
 import os
@@ -57,7 +64,11 @@ def main():
     parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--heads", nargs="+", default=["gk", "fitnet", "kd"])
+    parser.add_argument("--profile", type=int, default=0, help="profile this many GK steps")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     tmp = tempfile.mkdtemp()
     teacher_cfg = load_config(os.path.join(CONFIGS, "faster_rcnn_R_18_FPN_1k_shapes.yaml"), ["MODEL.DEVICE", args.device])
@@ -114,17 +125,58 @@ def main():
     def med(name):
         return statistics.median(times[name])
 
+    memory = {name: step_memory(step, batches[-1], args.device) for name, step in variants.items()}
     base = med("student alone")
     print(f"\nstep time on {args.device} ({torch.get_num_threads()} threads), {len(batches) - 3} timed steps "
           f"per variant, round-robin, batch {cfg.SOLVER.IMS_PER_BATCH} images of {cfg.INPUT.MIN_SIZE_TRAIN[0]} px")
-    print("| variant | teacher parts run | s / step (median) | IQR | x student | x floor |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | teacher parts run | s / step (median) | IQR | x student | x floor | peak memory / step | x student |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in variants:
         q = statistics.quantiles(times[name], n=4)
         head = name[len("distill: "):] if name.startswith("distill: ") else None
         parts = " + ".join(parts_of[head]) if head else "-"
         vs_floor = f"{med(name) / med(floor_of[head]):.2f}" if head else "-"
-        print(f"| {name} | {parts} | {med(name):.3f} | {q[0]:.3f}-{q[2]:.3f} | {med(name) / base:.2f} | {vs_floor} |")
+        mem = f"{memory[name] / 2 ** 20:.0f} MiB" if memory[name] is not None else "not measured"
+        mem_ratio = (f"{memory[name] / memory['student alone']:.2f}"
+                     if memory[name] is not None and memory["student alone"] else "-")
+        print(f"| {name} | {parts} | {med(name):.3f} | {q[0]:.3f}-{q[2]:.3f} | {med(name) / base:.2f} | "
+              f"{vs_floor} | {mem} | {mem_ratio} |")
+    if args.profile and "distill: gk" in variants:
+        profile_steps(variants["distill: gk"], batches[:args.profile])
+
+
+def step_memory(step, batch, device):
+    """Peak bytes one step allocates (see the module docstring); None if not measurable."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step(batch)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            step(batch)
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+        return max(sum(s) for s in sizes) if sizes else None
+    except Exception as e:  # a private profiler API: report, do not fail the benchmark
+        print(f"CPU memory not measured: {type(e).__name__}: {e}")
+        return None
+
+
+def profile_steps(step, batches):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            step(batch)
+    print(f"\ntorch.profiler, {len(batches)} GK steps, top ops by self CPU time:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def floor_step(model, student_step, parts, cfg):

@@ -71,6 +71,10 @@ def add_distill_config(cfg):
     _C.DISTILL.PROTOTYPES.MIN_SIZE = 30
     # Strides whose prototypes are built; empty means every stride both models have.
     _C.DISTILL.PROTOTYPES.STRIDES = []
+    # Memory bound (bytes) on the |candidates| x N inner products PGM may keep between pursuit
+    # steps (select_prototypes' cache_bytes; above it they are recomputed, or the D x D
+    # moment form is used, whichever is cheaper: the picks are the same).
+    _C.DISTILL.PROTOTYPES.CACHE_BYTES = 4 << 30
 
     # Global Knowledge distillation (GK's RDM, METHODS.md section 1.4-1.5).
     _C.DISTILL.GK = CN()

@@ -212,3 +212,60 @@ def test_cuda_matches_cpu():
     gpu = select_prototypes(fs.cuda(), ft.cuda(), 10)
     assert gpu.device.type == "cuda"
     assert gpu.cpu().tolist() == cpu.tolist()
+
+
+# ---- PGM at scale: every pursuit method and the float32 Gram products give the float64 picks
+@pytest.mark.parametrize("seed,n,ds,dt,k", [
+    (0, 40, 8, 8, 5), (1, 45, 8, 5, 6), (2, 30, 4, 12, 10), (3, 50, 6, 6, 4), (4, 37, 3, 7, 8),
+])
+def test_every_method_and_precision_matches_brute_force(seed, n, ds, dt, k):
+    fs, ft = _clustered(seed, n, ds, dt)
+    expected = _brute_force(fs.numpy(), ft.numpy(), k)
+    for method in ("gram", "cached", "streamed"):
+        for gram_dtype in (None, torch.float32):
+            got = select_prototypes(fs, ft, k, alpha=ALPHA, method=method, gram_dtype=gram_dtype)
+            assert got.tolist() == expected, (method, gram_dtype)
+
+
+def _reference(fs, ft, k, **kwargs):
+    """The float64 path of the previous implementation: float64 Gram products, cached P, Q."""
+    return select_prototypes(fs, ft, k, gram_dtype=None, method="cached", cache_bytes=None, **kwargs)
+
+
+@pytest.mark.parametrize("n,ds,dt,clusters,noise", [(2000, 64, 96, 12, 0.35), (2000, 32, 32, 40, 0.8)])
+def test_clustered_2000_float32_products_give_the_float64_picks(n, ds, dt, clusters, noise):
+    fs, ft = _clustered(21, n, ds, dt, clusters=clusters, noise=noise)
+    expected = _reference(fs, ft, 10)
+    assert len(expected) == 10
+    for method in ("auto", "gram", "streamed"):
+        assert select_prototypes(fs, ft, 10, method=method).tolist() == expected.tolist(), method
+    # the candidate set itself is the float64 one
+    from d2kd.prototypes.selection import _unit_rows
+
+    a, b = _unit_rows(fs.double(), 1e-12), _unit_rows(ft.double(), 1e-12)
+    assert torch.equal(dense_candidates(a, b, gram_dtype=torch.float32), dense_candidates(a, b))
+
+
+def test_float32_density_bound_holds():
+    from d2kd.prototypes.selection import _unit_rows, density_with_bound
+
+    fs, _ = _clustered(22, 1500, 48, 8, clusters=10, noise=0.3)
+    a = _unit_rows(fs.double(), 1e-12)
+    exact = density(a)
+    approx, err = density_with_bound(a, 0.1, torch.float32)
+    assert ((approx - exact).abs() <= err).all()
+    assert (err < 1e-2 * exact).all()  # and it is tight enough to decide most rows
+
+
+def test_density_ties_survive_float32_products():
+    # exact duplicates tie in density; the float32 path must decide them as float64 does
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(30, 16, generator=g)
+    fs = torch.cat([base[:10]] * 4 + [base[10:]])
+    ft = fs @ torch.randn(16, 12, generator=g)
+    assert select_prototypes(fs, ft, 10).tolist() == _reference(fs, ft, 10).tolist()
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="method"):
+        select_prototypes(torch.randn(20, 4), torch.randn(20, 4), 2, method="fast")

@@ -12,12 +12,13 @@ from detectron2.engine import HookBase
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
+from detectron2.utils.logger import log_every_n_seconds
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from ..structures import by_stride
 from ..prototypes.instance_features import instance_features
-from ..prototypes.selection import select_prototypes
+from ..prototypes.selection import DEFAULT_CACHE_BYTES, select_prototypes
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +26,27 @@ logger = logging.getLogger(__name__)
 # (dataset index, x1, y1, x2, y2) with the box in the original image's pixels.
 InstanceFeatureSets = Dict[int, Dict[int, Tuple[Tensor, Tensor, Tensor]]]
 
+# {dataset index: {stride: (m, D_t) teacher instance features of the image's kept boxes}}
+TeacherFeatureCache = Dict[int, Dict[int, Tensor]]
+
+
+def _progress(done: int, total: int, start: float, what: str) -> None:
+    """A progress line with ETA, at most every 10 s (as detectron2's evaluators log)."""
+    if total <= 0 or done <= 0:
+        return
+    elapsed = time.perf_counter() - start
+    eta = elapsed / done * (total - done)
+    log_every_n_seconds(
+        logging.INFO,
+        f"{what}: {done}/{total} images, {elapsed:.0f} s elapsed, ETA {eta:.0f} s",
+        n=10, name=__name__,
+    )
+
 
 @torch.no_grad()
-def collect_instance_features(model, batches: Iterable[List[dict]], min_size: float) -> InstanceFeatureSets:
+def collect_instance_features(model, batches: Iterable[List[dict]], min_size: float,
+                              teacher_cache: TeacherFeatureCache = None,
+                              total_images: int = 0) -> InstanceFeatureSets:
     """Student and teacher instance features of every GT box wider and higher than
     ``min_size`` original-image pixels, at every stride of ``model.prototype_bank``, grouped
     by stride and class, on the CPU.
@@ -37,6 +56,12 @@ def collect_instance_features(model, batches: Iterable[List[dict]], min_size: fl
     may carry ``"d2kd_classes"``, the classes the image was sampled for: boxes of other
     classes in it are skipped (each class uses only its own image subset).
 
+    ``teacher_cache`` (optional, filled in place): the teacher is frozen, so its instance
+    features of an image (indexed by ``"d2kd_index"``) are computed once and kept; a batch
+    whose images are all in the cache skips the teacher's backbone. The cache is valid only
+    for the same images in the same batches (the padding of a batch reaches the features).
+    ``total_images`` (optional) enables a progress line with ETA.
+
     The model is switched to eval mode meanwhile (the student's BatchNorm statistics must not
     move) and restored afterwards.
     """
@@ -44,11 +69,14 @@ def collect_instance_features(model, batches: Iterable[List[dict]], min_size: fl
     was_training = model.training
     model.eval()
     found: Dict[int, Dict[int, List[Tuple[Tensor, ...]]]] = defaultdict(lambda: defaultdict(list))
+    start, done = time.perf_counter(), 0
     try:
         for batch in batches:
             images = model.preprocess_image(batch)
             student = by_stride(model.backbone, model.backbone(images.tensor))
-            teacher = by_stride(model.teacher.backbone, model.teacher_backbone(batch))
+            keys = [x.get("d2kd_index", -1) for x in batch]
+            cached = teacher_cache is not None and all(k >= 0 and k in teacher_cache for k in keys)
+            teacher = None if cached else by_stride(model.teacher.backbone, model.teacher_backbone(batch))
             boxes, classes, index, sources = [], [], [], []
             for i, x in enumerate(batch):
                 inst = x["instances"].to(model.device)
@@ -64,14 +92,25 @@ def collect_instance_features(model, batches: Iterable[List[dict]], min_size: fl
                 src = torch.full((int(keep.sum()), 5), float(x.get("d2kd_index", -1)))
                 src[:, 1:] = original[keep].cpu()
                 sources.append(src)
+            counts = [len(b) for b in boxes]
             boxes, classes, index, sources = torch.cat(boxes), torch.cat(classes), torch.cat(index), torch.cat(sources)
+            done += len(batch)
+            _progress(done, total_images, start, "Prototype build: instance features")
             if len(boxes) == 0:
                 continue
+            classes_cpu = classes.cpu()
             for s in bank.strides:
                 f_s = instance_features(student[s], boxes, index, s).float().cpu()
-                f_t = instance_features(teacher[s], boxes, index, s).float().cpu()
-                for c in classes.unique().tolist():
-                    sel = (classes == c).cpu()
+                if cached:
+                    f_t = torch.cat([teacher_cache[k][s] for k in keys])
+                else:
+                    f_t = instance_features(teacher[s], boxes, index, s).float().cpu()
+                    if teacher_cache is not None:
+                        for k, part in zip(keys, torch.split(f_t, counts)):
+                            if k >= 0:
+                                teacher_cache.setdefault(k, {})[s] = part.clone()
+                for c in classes_cpu.unique().tolist():
+                    sel = classes_cpu == c
                     found[s][c].append((f_s[sel], f_t[sel], sources[sel]))
     finally:
         model.train(was_training)
@@ -173,9 +212,60 @@ def check_finite_features(stride: int, cls: int, f_s: Tensor, f_t: Tensor, itera
         )
 
 
+def selection_cost(n: int, d_s: int, d_t: int) -> float:
+    """Estimated work of one PGM selection (its N x N density filter dominates)."""
+    return float(n) * n * (d_s + d_t)
+
+
+def assign_selections(features: InstanceFeatureSets, world_size: int) -> List[List[Tuple[int, int]]]:
+    """Split the (stride, class) selections among ``world_size`` ranks, balancing their
+    estimated cost (largest first, each to the least loaded rank; ties to the lowest rank).
+    Deterministic: every rank computes the same split from the same (gathered) features."""
+    items = []
+    for s, per_class in features.items():
+        for c, (f_s, f_t, _) in per_class.items():
+            items.append((selection_cost(len(f_s), f_s.shape[1], f_t.shape[1]), s, c))
+    items.sort(key=lambda x: (-x[0], x[1], x[2]))
+    load = [0.0] * world_size
+    shares: List[List[Tuple[int, int]]] = [[] for _ in range(world_size)]
+    for cost, s, c in items:
+        r = min(range(world_size), key=lambda i: (load[i], i))
+        load[r] += cost
+        shares[r].append((s, c))
+    return shares
+
+
+def select_share(features: InstanceFeatureSets, share: List[Tuple[int, int]], num_prototypes: int,
+                 alpha: float, device=None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 total: int = 0) -> Dict[Tuple[int, int], Tensor]:
+    """Run PGM on the given (stride, class) selections: {(stride, class): chosen indices (CPU)}."""
+    chosen, start = {}, time.perf_counter()
+    for i, (s, c) in enumerate(share):
+        f_s, f_t, _ = features[s][c]
+        if device is not None:
+            f_s, f_t = f_s.to(device), f_t.to(device)
+        chosen[(s, c)] = select_prototypes(f_s, f_t, num_prototypes, alpha=alpha, cache_bytes=cache_bytes).cpu()
+        if total:
+            elapsed = time.perf_counter() - start
+            log_every_n_seconds(
+                logging.INFO,
+                f"Prototype build: selection {i + 1}/{len(share)} (class, stride) pairs on this rank, "
+                f"{elapsed:.0f} s elapsed, ETA {elapsed / (i + 1) * (len(share) - i - 1):.0f} s",
+                n=10, name=__name__,
+            )
+    return chosen
+
+
 def rebuild_bank(bank, features: InstanceFeatureSets, alpha: float, device=None, iteration=None,
-                 class_names=None) -> None:
+                 class_names=None, cache_bytes: int = DEFAULT_CACHE_BYTES, rank: int = 0,
+                 world_size: int = 1, gather=None) -> None:
     """Select K prototypes per (stride, class) and write them into ``bank``.
+
+    With ``world_size`` > 1 the selections are split among the ranks
+    (:func:`assign_selections`); each rank selects its share and ``gather`` (an all_gather
+    of a picklable object, e.g. ``detectron2.utils.comm.all_gather``) collects the chosen
+    indices, which every rank writes into its bank from the same (gathered) ``features``:
+    all ranks end with the identical bank.
 
     Classes without instances get no prototypes (all slots invalid). Non-finite features
     raise FloatingPointError naming model, stride, class and ``iteration``.
@@ -183,6 +273,14 @@ def rebuild_bank(bank, features: InstanceFeatureSets, alpha: float, device=None,
     for s in bank.strides:  # all of them first: a diverged model leaves the bank untouched
         for c, (f_s, f_t, _) in sorted(features.get(s, {}).items()):
             check_finite_features(s, c, f_s, f_t, iteration, class_names)
+    wanted = {s: per_class for s, per_class in features.items() if s in bank.strides}
+    shares = assign_selections(wanted, world_size)
+    chosen = select_share(wanted, shares[rank], bank.num_prototypes, alpha, device, cache_bytes, total=1)
+    if world_size > 1:
+        merged = {}
+        for part in gather(chosen):
+            merged.update(part)
+        chosen = merged
     for s in bank.strides:
         per_class = features.get(s, {})
         for c in range(bank.num_classes):
@@ -190,10 +288,8 @@ def rebuild_bank(bank, features: InstanceFeatureSets, alpha: float, device=None,
                 bank.set_class(s, c, bank.student(s)[c, :0], bank.teacher(s)[c, :0])
                 continue
             f_s, f_t, source = per_class[c]
-            if device is not None:
-                f_s, f_t = f_s.to(device), f_t.to(device)
-            chosen = select_prototypes(f_s, f_t, bank.num_prototypes, alpha=alpha)
-            bank.set_class(s, c, f_s[chosen], f_t[chosen], source[chosen.cpu()])
+            picks = chosen[(s, c)]
+            bank.set_class(s, c, f_s[picks], f_t[picks], source[picks])
     bank.num_builds += 1
     bank.rebuild_reason = ""
 
@@ -262,9 +358,10 @@ class PrototypeRefreshHook(HookBase):
 
     The images are up to ``MAX_IMAGES`` per class, drawn once from ``SEED`` (see
     :func:`per_class_image_subsets`) and kept for the whole run. Each rank extracts instance
-    features from its share of them; the features are gathered, the main process selects
-    the prototypes, and every rank receives the main process' bank, so all ranks hold
-    identical prototypes.
+    features from its share of them; the teacher's are computed at the first build and kept
+    (in CPU memory: the teacher is frozen and the images fixed), only the student's are
+    extracted again. The features are gathered, the (class, stride) selections split among
+    the ranks and their results gathered, so all ranks write identical prototypes.
 
     Each build is logged (images, instances and prototypes per class and stride, time), with a
     warning for classes or strides left without prototypes. The trainer puts this hook before
@@ -278,6 +375,9 @@ class PrototypeRefreshHook(HookBase):
         self.max_images = node.MAX_IMAGES
         self.min_size = node.MIN_SIZE
         self.alpha = node.ALPHA
+        self.cache_bytes = int(node.get("CACHE_BYTES", DEFAULT_CACHE_BYTES))
+        self._teacher_cache: TeacherFeatureCache = {}
+        self._teacher_cache_key = None
         self.batch_size = max(1, cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
         self.seed = cfg.SEED
         self._dataset_names = cfg.DATASETS.TRAIN
@@ -333,16 +433,16 @@ class PrototypeRefreshHook(HookBase):
         bank = model.prototype_bank
         if bank.rebuild_reason:
             logger.warning(f"Rebuilding the prototype bank at iteration {iteration}: {bank.rebuild_reason}")
-        local = collect_instance_features(model, self._batches(), self.min_size)
+        mine = self.images()[comm.get_rank():: comm.get_world_size()]
+        key = (tuple(j for j, _ in mine), self.batch_size, tuple(bank.strides))
+        if key != self._teacher_cache_key:  # other images or batches: the kept features are void
+            self._teacher_cache, self._teacher_cache_key = {}, key
+        local = collect_instance_features(model, self._batches(), self.min_size,
+                                          teacher_cache=self._teacher_cache, total_images=len(mine))
         merged = merge_feature_sets(comm.all_gather(local))
-        if comm.is_main_process():
-            rebuild_bank(bank, merged, self.alpha, device=model.device, iteration=iteration,
-                         class_names=self._class_names)
-        state = comm.all_gather(
-            {k: v.cpu() for k, v in bank.state_dict().items()} if comm.is_main_process() else None
-        )[0]
-        bank.load_state_dict(state)
-        bank.rebuild_reason = ""
+        rebuild_bank(bank, merged, self.alpha, device=model.device, iteration=iteration,
+                     class_names=self._class_names, cache_bytes=self.cache_bytes,
+                     rank=comm.get_rank(), world_size=comm.get_world_size(), gather=comm.all_gather)
         elapsed = time.perf_counter() - start
         message, warnings = build_report(bank, merged, len(self.images()), elapsed, iteration,
                                          self.min_size, self._class_names)

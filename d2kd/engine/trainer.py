@@ -1,8 +1,12 @@
 """DistillTrainer: detectron2's DefaultTrainer with atomic checkpoints, CPU-capable DDP,
-an evaluator from the dataset's metadata, and the prototype refresh hook."""
+mixed precision on CUDA and CPU, an evaluator from the dataset's metadata, and the prototype
+refresh hook."""
 import logging
 import os
+import time
 import weakref
+
+import torch
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
@@ -84,14 +88,64 @@ def allow_pickle(cfg) -> bool:
     return bool("DISTILL" in cfg and cfg.DISTILL.TEACHER.get("ALLOW_PICKLE", False))
 
 
+class DistillAMPTrainer(AMPTrainer):
+    """detectron2's AMPTrainer (``SOLVER.AMP.ENABLED``) on the model's device.
+
+    On CUDA it is AMPTrainer itself: float16 autocast and a GradScaler. On CPU (where
+    AMPTrainer asserts CUDA) the step runs under bfloat16 autocast with no loss scaling
+    (bfloat16 has float32's exponent range); the scaler is a disabled one, so checkpoints
+    and ``state_dict`` keep AMPTrainer's layout. A Distill model runs its teacher under the
+    same autocast and computes its distillation losses in float32 (see DistillMixin).
+    """
+
+    def __init__(self, model, data_loader, optimizer, precision=None, **kwargs):
+        self.device_type = next(model.parameters()).device.type
+        if self.device_type == "cuda":
+            precision = precision or torch.float16
+            scaler = torch.amp.GradScaler("cuda", enabled=precision == torch.float16)
+        else:
+            precision = precision or torch.bfloat16
+            scaler = torch.amp.GradScaler(self.device_type, enabled=False)
+        kwargs.setdefault("grad_scaler", scaler)
+        super().__init__(model, data_loader, optimizer, precision=precision, **kwargs)
+
+    def run_step(self):
+        if self.device_type == "cuda":
+            return super().run_step()
+        # AMPTrainer.run_step with the device's autocast instead of torch.cuda's.
+        assert self.model.training, "[DistillAMPTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        if self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        with torch.autocast(self.device_type, dtype=self.precision):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses = loss_dict
+                loss_dict = {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+        if not self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        self.after_backward()
+        if self.async_write_metrics:
+            self.concurrent_executor.submit(self._write_metrics, loss_dict, data_time, iter=self.iter)
+        else:
+            self._write_metrics(loss_dict, data_time)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+
 class DistillTrainer(DefaultTrainer):
     """Trains a Distill* model (or any detectron2 model) the way DefaultTrainer does."""
 
     def __init__(self, cfg):
         # DefaultTrainer.__init__, with these changes: DDP also works for CPU models (gloo),
         # checkpoints are written atomically and loaded safely, temporaries of killed writers
-        # are removed, the d2kd logger is set up, and a test set without an evaluator fails now
-        # rather than after training.
+        # are removed, the d2kd logger is set up, a test set without an evaluator fails now
+        # rather than after training, and SOLVER.AMP.ENABLED also works on CPU (bfloat16).
         TrainerBase.__init__(self)
         logger_ = logging.getLogger("detectron2")
         if not logger_.isEnabledFor(logging.INFO):
@@ -108,7 +162,7 @@ class DistillTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        trainer_cls = DistillAMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicDetectionCheckpointer(

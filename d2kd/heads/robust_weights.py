@@ -135,7 +135,9 @@ def roi_robust_weights(ctx) -> Tensor:
     if "roi_robust" not in ctx.cache:
         rois = ctx.rois
         w = torch.ones(len(rois.boxes), device=rois.boxes.device)
-        w[rois.foreground] = step_instances(ctx, "positive_rois").weight
+        # masked_scatter_ fills the foreground rows in order, as w[fg] = ... does, without
+        # the host sync of a boolean index
+        w.masked_scatter_(rois.foreground, step_instances(ctx, "positive_rois").weight)
         ctx.cache["roi_robust"] = w
     return ctx.cache["roi_robust"]
 

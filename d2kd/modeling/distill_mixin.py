@@ -213,7 +213,10 @@ class DistillMixin:
             max_iter=self._distill_max_iter,
             prototype_bank=self.prototype_bank,
         )
-        losses.update(self.distill_losses(ctx))
+        # Distillation losses in float32: autocast off for the heads (the teacher passes they
+        # trigger re-enter the student's autocast state, see ModelStepOutputs).
+        with torch.autocast(self.device.type, enabled=False):
+            losses.update(self.distill_losses(ctx))
         return losses
 
     # ---- the distillation step ----

@@ -4,6 +4,12 @@
 two-stage and dense detectors. The student ran its own ``forward``; what its submodules
 returned was recorded (see :mod:`d2kd.modeling.recorder`). The teacher runs here, under
 ``torch.no_grad()``, only as far as a head asks.
+
+Mixed precision: the heads run with autocast disabled (their losses are float32), but the
+teacher's passes, which they trigger lazily, re-enter the autocast state that was active when
+the step's outputs were made (the student's forward), so the teacher runs in the same
+precision as the student. Under autocast the student's features are handed out in float32,
+so that a head's float32 modules (adapters) can take them with autocast off.
 """
 from typing import Any, Dict, List, Tuple
 
@@ -48,6 +54,23 @@ def rpn_outputs(model, anchors: List[Boxes], head_out, proposals: List[Instances
     )
 
 
+class _TeacherPass:
+    """``torch.no_grad()`` plus ``torch.autocast(kind, dtype, enabled)``."""
+
+    def __init__(self, kind: str, enabled: bool, dtype: torch.dtype):
+        self._contexts = (torch.no_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled))
+
+    def __enter__(self):
+        for c in self._contexts:
+            c.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for c in reversed(self._contexts):
+            c.__exit__(*exc)
+        return False
+
+
 class ModelStepOutputs(StepOutputs):
     """Both models' results on one batch.
 
@@ -68,6 +91,14 @@ class ModelStepOutputs(StepOutputs):
         self.common_strides = model.common_strides
         self._teacher_named: Dict[str, Tensor] = {}
         self._teacher_images = None
+        # The autocast state of the student's forward, re-entered for the teacher's passes.
+        kind = self.device.type
+        self._autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+
+    def _teacher_pass(self):
+        """no_grad, and the student's forward's autocast state, for a teacher pass."""
+        kind, enabled, dtype = self._autocast
+        return _TeacherPass(kind, enabled, dtype)
 
     def _recorded(self, key: str, what: str):
         if key not in self.record:
@@ -88,13 +119,16 @@ class ModelStepOutputs(StepOutputs):
 
     def _teacher_features_named(self) -> Dict[str, Tensor]:
         if not self._teacher_named:
-            with torch.no_grad():
+            with self._teacher_pass():
                 self._teacher_named = self.teacher.backbone(self.images(TEACHER).tensor)
         return self._teacher_named
 
     def features(self, side: str) -> Dict[int, Tensor]:
         if side == STUDENT:
-            return by_stride(self.model.backbone, self._recorded("backbone", "backbone features"))
+            features = by_stride(self.model.backbone, self._recorded("backbone", "backbone features"))
+            if self._autocast[1]:  # float32 into the heads, which run with autocast off
+                features = {s: f.float() for s, f in features.items()}
+            return features
         return by_stride(self.teacher.backbone, self._teacher_features_named())
 
     # ---- dense heads ----
@@ -103,7 +137,7 @@ class ModelStepOutputs(StepOutputs):
             return dense_outputs(self.model, self._recorded("dense.head", "dense-head outputs"))
         teacher = self.teacher
         named = self._teacher_features_named()
-        with torch.no_grad():
+        with self._teacher_pass():
             predictions = teacher.head([named[f] for f in teacher.head_in_features])
         return dense_outputs(teacher, predictions)
 
@@ -115,7 +149,7 @@ class ModelStepOutputs(StepOutputs):
                 self.model, self._recorded("rpn.anchors", "RPN anchors"), self.record["rpn.head"], proposals
             )
         named = self._teacher_features_named()
-        with torch.no_grad(), self.model.teacher_recorder.recording() as rec:
+        with self._teacher_pass(), self.model.teacher_recorder.recording() as rec:
             proposals, _ = self.teacher.proposal_generator(self.images(TEACHER), named)
         return rpn_outputs(self.teacher, rec["rpn.anchors"], rec["rpn.head"], proposals)
 
@@ -150,7 +184,7 @@ class ModelStepOutputs(StepOutputs):
     def teacher_box_head(self, boxes: List[Boxes]) -> Tuple[Tensor, Tensor]:
         roi_heads = self.teacher.roi_heads
         named = self._teacher_features_named()
-        with torch.no_grad():
+        with self._teacher_pass():
             x = roi_heads.box_pooler([named[f] for f in roi_heads.box_in_features], boxes)
             return roi_heads.box_predictor(roi_heads.box_head(x))
 

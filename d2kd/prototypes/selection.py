@@ -14,25 +14,41 @@ check and the number of candidates, which sets the loop length), never inside th
    directly: dropping the large shared constant removes the cancellation that would
    otherwise swamp small differences between candidates.
 
-   The inner products ``P = U R_a^T`` and ``Q = V R_b^T`` (|candidates| x N) change by a
-   rank-1 term when an atom is chosen (``P -= (U u*) w^a^T``), so P and Q are built with one
-   matmul per space and updated in place; the |candidates| x D x N tensor of the reference
-   code never exists. When P and Q would not fit ``cache_bytes``, the residuals are kept
-   instead and P, Q are recomputed per step in candidate chunks (one matmul per chunk per
-   space per step): slower, but memory O(chunk * N + N * D).
+   Three ways to get the gains, chosen by cost (``method="auto"``); all give the same picks:
+
+   - "gram": the gain needs only sums over n of ``p^2``, ``q^2`` and ``p q``, which are
+     quadratic forms of the residuals' second moments: ``sum_n p_n^2 = u^T (R_a^T R_a) u``,
+     ``sum_n p_n q_n = u^T (R_a^T R_b) v``. Per step this is O(N D^2 + |candidates| D^2)
+     (D x D matrices) instead of O(|candidates| N D): at N = 20000, D = 256 the pursuit
+     costs about a second and no |candidates| x N matrix exists.
+   - "cached": the inner products ``P = U R_a^T`` and ``Q = V R_b^T`` (|candidates| x N),
+     built once and updated by a rank-1 term per step (``P -= (U u*) w^a^T``), when they fit
+     ``cache_bytes`` (cheaper than "gram" for small N).
+   - "streamed": the residuals are kept and P, Q recomputed per step in candidate chunks.
+
+   The |candidates| x D x N tensor of the reference code never exists.
+
+Precision: float64 by default (the density threshold is a strict comparison and the pursuit
+an arg-max over sums of N terms). The N x N Gram products of the density filter, the largest
+cost, are computed in ``gram_dtype`` (float32 by default) with float64 accumulation of the
+kernel sums, together with a rigorous bound on each density's error; the rows whose
+side of the threshold the bound leaves open are recomputed in float64, so the candidate set
+is the float64 one.
 """
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["select_prototypes", "density", "dense_candidates"]
+__all__ = ["select_prototypes", "density", "dense_candidates", "DEFAULT_CACHE_BYTES"]
 
 # Elements (not bytes) of one chunk of an N-column work matrix; 2^21 float64 = 16 MiB.
 _CHUNK_ELEMENTS = 1 << 21
-# Default bound on the cached P and Q matrices together (bytes).
-_CACHE_BYTES = 1 << 30
+# Default bound on the cached P and Q matrices together (bytes); DISTILL.PROTOTYPES.CACHE_BYTES.
+DEFAULT_CACHE_BYTES = 4 << 30
+_CACHE_BYTES = DEFAULT_CACHE_BYTES
+METHODS = ("auto", "gram", "cached", "streamed")
 
 
 def _unit_rows(x: Tensor, eps: float) -> Tensor:
@@ -70,15 +86,86 @@ def density(x: Tensor, sigma: float = 0.1, chunk_elements: int = _CHUNK_ELEMENTS
     return out
 
 
+def _unit_roundoff(dtype: torch.dtype, device) -> float:
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return 2.0 ** -11  # TF32 products
+    return torch.finfo(dtype).eps / 2
+
+
+def density_with_bound(x: Tensor, sigma: float, gram_dtype: torch.dtype,
+                       chunk_elements: int = _CHUNK_ELEMENTS) -> Tuple[Tensor, Tensor]:
+    """:func:`density` with the Gram products in ``gram_dtype`` (kernel sums in x's dtype),
+    and a bound on each density's error against the computation in x's dtype.
+
+    A product of two rows of norm <= 1 computed in ``gram_dtype`` (D terms, unit roundoff u,
+    rows rounded to it) is off by at most ``e = (D + 2) u / (1 - (D + 2) u)``. The kernel
+    ``k(s) = exp(-((1 - s) / sigma)^2)`` has ``|k''| <= 2 / sigma^2``, so a term moves by at
+    most ``e (|k'(s)| + e / sigma^2)`` with s the computed product; summed over the row.
+    """
+    n, d = x.shape
+    out, err = x.new_empty(n), x.new_empty(n)
+    xl = x.to(gram_dtype)
+    u = _unit_roundoff(gram_dtype, x.device)
+    e = (d + 2) * u / (1 - (d + 2) * u)
+    step = _rows_per_chunk(n, chunk_elements)
+    for start in range(0, n, step):
+        sim = (xl[start:start + step] @ xl.T).to(x.dtype)
+        t = sim.neg_().add_(1.0)  # 1 - s
+        k = torch.div(t, sigma).square_().neg_().exp_()
+        out[start:start + step] = k.sum(dim=1)
+        # |k'(s)| = 2 (1 - s) / sigma^2 k(s)
+        slope = t.abs_().mul_(k).sum(dim=1).mul_(2.0 / sigma ** 2)
+        err[start:start + step] = e * (slope + n * e / sigma ** 2)
+    return out, err
+
+
 def _dense_mask(rho: Tensor, fraction: float) -> Tensor:
     # q = value at position floor(fraction * N) of the ascending densities; keep rho > q.
     q = torch.sort(rho).values[int(math.floor(fraction * rho.shape[0]))]
     return rho > q
 
 
+def _dense_mask_verified(x: Tensor, sigma: float, fraction: float, gram_dtype: torch.dtype,
+                         chunk_elements: int) -> Tensor:
+    """``_dense_mask(density(x))`` (in x's dtype) from low-precision Gram products.
+
+    With exact densities within ``err`` of the computed ones and E = max(err), the exact
+    quantile q* lies within E of the computed one, q. Rows whose interval lies wholly below
+    q - E (L of them) or above q + E keep their side; the others are recomputed in x's dtype,
+    and q* is the (pos - L)-th smallest of them (every row certainly below is below q*,
+    every row certainly above is above it).
+    """
+    n = x.shape[0]
+    rho, err = density_with_bound(x, sigma, gram_dtype, chunk_elements)
+    pos = int(math.floor(fraction * n))
+    q = torch.sort(rho).values[pos]
+    big = err.max()
+    below = rho + err < q - big
+    above = rho - err > q + big
+    unsure = (~(below | above)).nonzero().squeeze(1)
+    exact = density_rows(x, unsure, sigma, chunk_elements)
+    q_exact = torch.sort(exact).values[pos - int(below.sum())]
+    dense = above.clone()
+    dense[unsure] = exact > q_exact
+    return dense
+
+
+def density_rows(x: Tensor, rows: Tensor, sigma: float = 0.1,
+                 chunk_elements: int = _CHUNK_ELEMENTS) -> Tensor:
+    """:func:`density` of the given rows only (same computation per row)."""
+    n = x.shape[0]
+    out = x.new_empty(rows.numel())
+    step = _rows_per_chunk(n, chunk_elements)
+    for start in range(0, rows.numel(), step):
+        sim = x[rows[start:start + step]] @ x.T
+        sim.neg_().add_(1.0).div_(sigma).square_().neg_().exp_()
+        out[start:start + step] = sim.sum(dim=1)
+    return out
+
+
 def dense_candidates(
     a: Tensor, b: Tensor, sigma: float = 0.1, fraction: float = 0.4,
-    chunk_elements: int = _CHUNK_ELEMENTS,
+    chunk_elements: int = _CHUNK_ELEMENTS, gram_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """The density filter of METHODS.md 1.2 step 2 (the candidate set Γ).
 
@@ -89,6 +176,9 @@ def dense_candidates(
         fraction (float): the threshold ``q`` is the density at position
             ``floor(fraction * N)`` of the ascending densities.
         chunk_elements (int): see :func:`density`.
+        gram_dtype (torch.dtype or None): precision of the Gram products; the result is
+            that of the inputs' dtype whatever it is (see :func:`_dense_mask_verified`).
+            None: the inputs' dtype.
 
     Returns:
         Tensor: ascending int64 indices of the instances whose density is strictly greater
@@ -96,8 +186,12 @@ def dense_candidates(
     """
     if a.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=a.device)
-    dense = _dense_mask(density(a, sigma, chunk_elements), fraction)
-    dense &= _dense_mask(density(b, sigma, chunk_elements), fraction)
+    if gram_dtype is None or torch.finfo(gram_dtype).eps <= torch.finfo(a.dtype).eps:
+        dense = _dense_mask(density(a, sigma, chunk_elements), fraction)
+        dense &= _dense_mask(density(b, sigma, chunk_elements), fraction)
+    else:
+        dense = _dense_mask_verified(a, sigma, fraction, gram_dtype, chunk_elements)
+        dense &= _dense_mask_verified(b, sigma, fraction, gram_dtype, chunk_elements)
     return dense.nonzero().squeeze(1)
 
 
@@ -161,6 +255,26 @@ class _StreamedResiduals:
         self.rb.addr_(wb, v, alpha=-1.0)
 
 
+class _GramState:
+    """Gains from the residuals' second moments: ``sum_n p_n^2 = u^T (R_a^T R_a) u``,
+    ``sum_n q_n^2 = v^T (R_b^T R_b) v``, ``sum_n p_n q_n = u^T (R_a^T R_b) v``. Memory
+    O(N D + G D + D^2); per step O((N + G) D^2)."""
+
+    def __init__(self, a: Tensor, b: Tensor, ua: Tensor, ub: Tensor):
+        self.ua, self.ub = ua, ub
+        self.ra, self.rb = a.clone(), b.clone()
+
+    def gains(self, alpha: float) -> Tensor:
+        ra, rb, ua, ub = self.ra, self.rb, self.ua, self.ub
+        pp = ((ua @ (ra.T @ ra)) * ua).sum(dim=1)
+        qq = ((ub @ (rb.T @ rb)) * ub).sum(dim=1)
+        pq = ((ua @ (ra.T @ rb)) * ub).sum(dim=1)
+        return ((1.0 + alpha) * (pp + qq) + (2.0 * alpha) * pq) / (1.0 + 2.0 * alpha)
+
+    def remove(self, k: Tensor, alpha: float) -> None:
+        _StreamedResiduals.remove(self, k, alpha)
+
+
 def _pursuit(state, num_candidates: int, num_instances: int, steps: int, alpha: float,
              chunk_elements: int, device) -> Tensor:
     """Matching pursuit over candidate atoms; ``state`` supplies inner products and updates."""
@@ -169,9 +283,12 @@ def _pursuit(state, num_candidates: int, num_instances: int, steps: int, alpha: 
     rows = _rows_per_chunk(num_instances, chunk_elements)
     chosen = []
     for _ in range(steps):
-        gain = torch.cat([
-            _gain(*state.products(s, s + rows), alpha) for s in range(0, num_candidates, rows)
-        ])
+        if isinstance(state, _GramState):
+            gain = state.gains(alpha)
+        else:
+            gain = torch.cat([
+                _gain(*state.products(s, s + rows), alpha) for s in range(0, num_candidates, rows)
+            ])
         k = _pick(gain, taken, positions)
         state.remove(k, alpha)
         taken.index_fill_(0, k, True)
@@ -189,8 +306,10 @@ def select_prototypes(
     density_fraction: float = 0.4,
     eps: float = 1e-12,
     dtype: torch.dtype = torch.float64,
+    gram_dtype: Optional[torch.dtype] = torch.float32,
     chunk_elements: int = _CHUNK_ELEMENTS,
     cache_bytes: Optional[int] = _CACHE_BYTES,
+    method: str = "auto",
 ) -> Tensor:
     """Choose the prototype instances of one class at one FPN level (GK's PGM).
 
@@ -222,10 +341,17 @@ def select_prototypes(
             is a strict comparison and the pursuit an arg-min over sums of N terms, so
             float32 (let alone TF32 matmuls on Ampere+ GPUs) can flip near-ties. Pass
             torch.float32 for speed on GPUs with slow float64.
+        gram_dtype (torch.dtype or None): precision of the density filter's N x N Gram
+            products (float32: about twice as fast on CPUs); the candidate set is still
+            exactly the one in ``dtype`` (rows the error bound leaves undecided are recomputed
+            in ``dtype``). None: ``dtype``.
         chunk_elements (int): size (in elements) of the chunks of N-column work matrices.
         cache_bytes (int or None): largest size of the cached (G, N) inner-product
-            matrices P and Q together; above it residuals are kept and P, Q recomputed
-            per step in chunks. None: always cache.
+            matrices P and Q together (``DISTILL.PROTOTYPES.CACHE_BYTES``); above it the
+            "cached" method gives way to "streamed". None: no bound.
+        method (str): how the pursuit gets its gains: "auto" (the cheapest: "gram" unless
+            the cached products are cheaper and fit ``cache_bytes``), "gram", "cached" or
+            "streamed" (see the module docstring); the picks are the same.
 
     Returns:
         Tensor: (k,) int64 indices into the N instances, in selection order, on the
@@ -270,15 +396,28 @@ def select_prototypes(
         a = _unit_rows(a, eps)
         b = _unit_rows(b, eps)
 
-        candidates = dense_candidates(a, b, sigma, density_fraction, chunk_elements)
+        candidates = dense_candidates(a, b, sigma, density_fraction, chunk_elements, gram_dtype)
         g = candidates.numel()
         if g == 0:
             return empty
         steps = min(int(num_prototypes), g)
         ua, ub = a[candidates], b[candidates]
 
-        cached_size = 2 * g * n * a.element_size()
-        cached = cache_bytes is None or cached_size <= cache_bytes
-        state = (_CachedProducts if cached else _StreamedResiduals)(a, b, ua, ub)
+        method = _choose_method(method, n, g, a.shape[1], b.shape[1], steps, a.element_size(), cache_bytes)
+        state = {"gram": _GramState, "cached": _CachedProducts, "streamed": _StreamedResiduals}[method](a, b, ua, ub)
         picks = _pursuit(state, g, n, steps, alpha, chunk_elements, a.device)
         return candidates[picks]
+
+
+def _choose_method(method: str, n: int, g: int, ds: int, dt: int, steps: int, element_size: int,
+                   cache_bytes: Optional[int]) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got '{method}'")
+    fits = cache_bytes is None or 2 * g * n * element_size <= cache_bytes
+    if method != "auto":
+        return "streamed" if method == "cached" and not fits else method
+    # multiply-adds: Gram moments per step, against building P, Q once plus ~8 elementwise
+    # passes over them per step (memory-bound, counted as 4 multiply-adds each)
+    gram = steps * (n + g) * (ds * ds + dt * dt + ds * dt)
+    cached = g * n * (ds + dt) + steps * 32 * g * n
+    return "cached" if fits and cached < gram else "gram"
