@@ -32,7 +32,7 @@ def add_distill_config(cfg):
     # Multiply the decaying terms of every head that enables DECAY by (1 - iter / MAX_ITER).
     _C.DISTILL.SCHEDULE.LINEAR_DECAY = False
 
-    # FitNet: lambda * mean((A(F_s) - F_t)^2) over whole FPN maps (METHODS.md section 5).
+    # FitNet: lambda * mean((A(F_s) - F_t)^2) over whole FPN maps (docs/METHODS.md section 5).
     _C.DISTILL.FITNET = CN()
     _C.DISTILL.FITNET.WEIGHT = 1.0
     # Strides to distil; empty means every stride that student and teacher both have.
@@ -55,7 +55,7 @@ def add_distill_config(cfg):
     _C.DISTILL.KD.ROBUST_WEIGHTS = False
     _C.DISTILL.KD.DECAY = False
 
-    # Prototype generation (GK's PGM, METHODS.md section 1.2-1.3); used by the GK head and by
+    # Prototype generation (GK's PGM, docs/METHODS.md section 1.2-1.3); used by the GK head and by
     # any head with ROBUST_WEIGHTS on.
     _C.DISTILL.PROTOTYPES = CN()
     # K, prototypes per class and level.
@@ -76,7 +76,7 @@ def add_distill_config(cfg):
     # moment form is used, whichever is cheaper: the picks are the same).
     _C.DISTILL.PROTOTYPES.CACHE_BYTES = 4 << 30
 
-    # Global Knowledge distillation (GK's RDM, METHODS.md section 1.4-1.5).
+    # Global Knowledge distillation (GK's RDM, docs/METHODS.md section 1.4-1.5).
     _C.DISTILL.GK = CN()
     # Paper weights (global, local feature, local response) = (1, 1, 5).
     _C.DISTILL.GK.GLOBAL_WEIGHT = 1.0
@@ -102,7 +102,7 @@ def add_distill_config(cfg):
     # Follow DISTILL.SCHEDULE.LINEAR_DECAY (the reference decays global and feature terms only).
     _C.DISTILL.GK.DECAY = True
 
-    # PKD: 1/2 mean((S^ - T^)^2) of per-channel standardised FPN maps (METHODS.md section 2).
+    # PKD: 1/2 mean((S^ - T^)^2) of per-channel standardised FPN maps (docs/METHODS.md section 2).
     _C.DISTILL.PKD = CN()
     # Loss weight; -1 picks the released one by the student's kind: 6 two-stage, 10 dense.
     _C.DISTILL.PKD.WEIGHT = -1.0
@@ -113,7 +113,7 @@ def add_distill_config(cfg):
     # Follow DISTILL.SCHEDULE.LINEAR_DECAY (the released configs do not decay).
     _C.DISTILL.PKD.DECAY = False
 
-    # FGFI: feature imitation on the cells of near-object anchors (METHODS.md section 5).
+    # FGFI: feature imitation on the cells of near-object anchors (docs/METHODS.md section 5).
     _C.DISTILL.FGFI = CN()
     # lambda of lambda / (2 sum(I)) * sum(I (A(F_s) - F_t)^2) (a sum over channels, as the paper).
     _C.DISTILL.FGFI.WEIGHT = 0.01
@@ -130,7 +130,7 @@ def add_distill_config(cfg):
     _C.DISTILL.FGFI.ADAPTER_RELU = True
     _C.DISTILL.FGFI.DECAY = False
 
-    # DeFeat: decoupled fg / bg feature imitation plus fg / bg RoI KL (METHODS.md section 5).
+    # DeFeat: decoupled fg / bg feature imitation plus fg / bg RoI KL (docs/METHODS.md section 5).
     _C.DISTILL.DEFEAT = CN()
     # Feature terms (GK's fg / bg normalisation, levels averaged); DeFeat's VOC config: 3 / 12.
     _C.DISTILL.DEFEAT.FG_WEIGHT = 3.0
@@ -162,7 +162,7 @@ def add_distill_config(cfg):
     _C.DISTILL.RKD.STRIDES = []
     _C.DISTILL.RKD.DECAY = False
 
-    # Rank Mimicking (METHODS.md section 4): per GT box, KL(teacher || student) of the softmax
+    # Rank Mimicking (docs/METHODS.md section 4): per GT box, KL(teacher || student) of the softmax
     # over its positive anchors of their scores for its class (dense students).
     _C.DISTILL.RANK_MIMIC = CN()
     _C.DISTILL.RANK_MIMIC.WEIGHT = 4.0
@@ -170,7 +170,7 @@ def add_distill_config(cfg):
     _C.DISTILL.RANK_MIMIC.SCORES = "sigmoid"
     _C.DISTILL.RANK_MIMIC.DECAY = False
 
-    # Prediction-guided Feature Imitation (METHODS.md section 4): feature imitation per cell
+    # Prediction-guided Feature Imitation (docs/METHODS.md section 4): feature imitation per cell
     # weighted by the detached squared class-prediction difference (dense students).
     _C.DISTILL.PFI = CN()
     _C.DISTILL.PFI.WEIGHT = 1.5
@@ -183,7 +183,7 @@ def add_distill_config(cfg):
     _C.DISTILL.PFI.ADAPTER_RELU = False
     _C.DISTILL.PFI.DECAY = False
 
-    # Localization Distillation (METHODS.md section 3) for GFL students and teachers: edge-
+    # Localization Distillation (docs/METHODS.md section 3) for GFL students and teachers: edge-
     # distribution KL on the main region and the valuable localisation region, class KD.
     _C.DISTILL.LD = CN()
     # Main region (the student's positive anchors), weighted by the student's max class score.

@@ -1,4 +1,4 @@
-"""GK prototype selection against a brute-force evaluation of METHODS.md 1.2."""
+"""GK prototype selection against a brute-force evaluation of docs/METHODS.md 1.2."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Building and refreshing the prototype bank during training (METHODS.md section 1.3)."""
+"""Building and refreshing the prototype bank during training (docs/METHODS.md section 1.3)."""
 import logging
 import time
 from collections import defaultdict

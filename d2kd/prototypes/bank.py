@@ -156,7 +156,7 @@ class PrototypeBank(nn.Module):
         return max_s.where(has, torch.zeros_like(max_s)), max_t.where(has, torch.zeros_like(max_t)), has
 
     def robust_weights(self, stride: int, classes: Tensor, student_feats: Tensor, teacher_feats: Tensor) -> Tensor:
-        """GK's robust weights (METHODS.md 1.4), detached and clamped to [0, 1].
+        """GK's robust weights (docs/METHODS.md 1.4), detached and clamped to [0, 1].
 
         ``w = 1 - |max_k cos(f_s, P_s[c]) - max_k cos(f_t, P_t[c])|``; 1 for classes without
         prototypes (and for everything before the first build).

@@ -1,4 +1,4 @@
-"""GK's prototype selection (PGM, METHODS.md 1.2) for one class at one FPN level.
+"""GK's prototype selection (PGM, docs/METHODS.md 1.2) for one class at one FPN level.
 
 Two steps, both on the inputs' device. A call syncs with the host twice (the finiteness
 check and the number of candidates, which sets the loop length), never inside the loops:
@@ -6,7 +6,7 @@ check and the number of candidates, which sets the loop length), never inside th
 1. Density filter: per space, ``rho_n = sum_m exp(-((1 - a_n . a_m) / sigma)^2)``, computed
    over row chunks so memory is O(chunk * N) rather than O(N^2).
 2. Matching pursuit with the consistency term. For a unit atom ``u`` the best coefficients
-   of METHODS.md 1.2 turn the candidate error into
+   of docs/METHODS.md 1.2 turn the candidate error into
    ``E = sum_n |r^a_n|^2 + |r^b_n|^2 - (w^a_n p_n + w^b_n q_n)``
    (the minimum of the quadratic in ``(w^a, w^b)``), and ``w^a p + w^b q`` simplifies to
    ``(p^2 + q^2 + alpha (p + q)^2) / (1 + 2 alpha)``. The residual-norm sum is the same for
@@ -167,7 +167,7 @@ def dense_candidates(
     a: Tensor, b: Tensor, sigma: float = 0.1, fraction: float = 0.4,
     chunk_elements: int = _CHUNK_ELEMENTS, gram_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
-    """The density filter of METHODS.md 1.2 step 2 (the candidate set Γ).
+    """The density filter of docs/METHODS.md 1.2 step 2 (the candidate set Γ).
 
     Args:
         a (Tensor): (N, D_s) unit-norm (or zero) student rows.
@@ -313,7 +313,7 @@ def select_prototypes(
 ) -> Tensor:
     """Choose the prototype instances of one class at one FPN level (GK's PGM).
 
-    Implements METHODS.md 1.2: L2-normalise each space; keep the instances whose density
+    Implements docs/METHODS.md 1.2: L2-normalise each space; keep the instances whose density
     is strictly above the ``floor(density_fraction * N)``-th smallest density in both
     spaces; then run ``num_prototypes`` steps of matching pursuit with the consistency
     term ``alpha``, never choosing an instance twice.
