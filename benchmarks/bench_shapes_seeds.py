@@ -34,14 +34,27 @@ METHOD_CONFIGS = {
 }
 
 
+# The one-stage pair (--pair retinanet): RetinaNet R-18 -> R-18 half width, levels p2-p6.
+RETINA_TEACHER = os.path.join(CONFIGS, "retinanet_R_18_FPN_1k_shapes.yaml")
+RETINA_STUDENT = os.path.join(CONFIGS, "retinanet_R_18_half_FPN_1k_shapes.yaml")
+RETINA_METHOD_CONFIGS = {
+    "gk": os.path.join(CONFIGS, "gk_retinanet_R_18_half_FPN_1k_shapes.yaml"),
+    "fitnet": os.path.join(CONFIGS, "fitnet_retinanet_R_18_half_FPN_1k_shapes.yaml"),
+    "rm_pfi": os.path.join(CONFIGS, "rank_mimic_retinanet_R_18_half_FPN_1k_withpfi_shapes.yaml"),
+}
+
+
 def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def main():
+    global TEACHER, STUDENT, METHOD_CONFIGS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=["gk", "fitnet", "kd"], choices=sorted(METHOD_CONFIGS))
+    parser.add_argument("--methods", nargs="+", default=["gk", "fitnet", "kd"],
+                        choices=sorted(set(METHOD_CONFIGS) | set(RETINA_METHOD_CONFIGS)))
+    parser.add_argument("--pair", choices=["faster_rcnn", "retinanet"], default="faster_rcnn")
     parser.add_argument("--output-dir", default=os.path.join(REPO, "output", "bench_shapes"))
     args = parser.parse_args()
     setup_logger(name="detectron2")
@@ -49,6 +62,11 @@ def main():
     for split in ("d2kd_shapes_train", "d2kd_shapes_val"):
         ensure_shapes_generated(split)
 
+    if args.pair == "retinanet":
+        TEACHER, STUDENT, METHOD_CONFIGS = RETINA_TEACHER, RETINA_STUDENT, RETINA_METHOD_CONFIGS
+    unknown = [m for m in args.methods if m not in METHOD_CONFIGS]
+    if unknown:
+        parser.error(f"methods {unknown} have no config for the {args.pair} pair; choose from {sorted(METHOD_CONFIGS)}")
     out = args.output_dir
     teacher_dir = os.path.join(out, "teacher_seed0")
     students = [("student", STUDENT, os.path.join(out, f"student_seed{s}"), ["SEED", str(s)]) for s in args.seeds]
