@@ -209,3 +209,17 @@ def test_eval_only_builds_no_teacher(tmp_path, monkeypatch):
     state = model.state_dict()
     for k, v in student.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("arch,head,key,bad", [
+    ("rcnn", "gk", "INSTANCES", "boxes"),
+    ("rcnn", "gk", "RESPONSE_ROIS", "some"),
+    ("rcnn", "fgfi", "MAX_IOU_OVER", "nearest"),
+    ("retinanet", "pfi", "SCORES", "probits"),
+    ("retinanet", "rank_mimic", "SCORES", "probits"),
+])
+def test_a_bad_option_value_names_the_key_the_value_and_the_choices(tmp_path, arch, head, key, bad):
+    cfg = distill_cfg(tmp_path, arch, arch, heads=[head])
+    cfg.DISTILL[head.upper()][key] = bad
+    with pytest.raises(ValueError, match=rf"DISTILL.{head.upper()}.{key} must be one of .*; got '{bad}'"):
+        build_model(cfg)

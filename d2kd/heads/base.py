@@ -53,6 +53,13 @@ class DistillHead(nn.Module):
         return kind.name
 
     @staticmethod
+    def choice(value: str, allowed, key: str) -> str:
+        """``value`` if it is one of ``allowed``, else an error naming the config ``key``."""
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}; got '{value}'")
+        return value
+
+    @staticmethod
     def select_strides(requested, student_shapes, teacher_shapes, key: str) -> List[int]:
         """See :func:`d2kd.structures.select_strides`."""
         return select_strides(requested, student_shapes, teacher_shapes, key)

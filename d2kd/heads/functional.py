@@ -8,6 +8,9 @@ from torch import Tensor
 from ..structures import STUDENT, TEACHER
 from .robust_weights import anchor_robust_weights, roi_robust_weights
 
+# How dense heads compare class scores: sigmoid probabilities or raw logits.
+SCORE_KINDS = ("sigmoid", "logits")
+
 
 def kl_per_row(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) for each row.

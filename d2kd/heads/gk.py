@@ -12,12 +12,6 @@ from .registry import DISTILL_HEAD_REGISTRY
 from .robust_weights import INSTANCE_SOURCES, global_relation_loss, instance_weight_map, step_instances
 
 
-def _choice(value: str, allowed, key: str) -> str:
-    if value not in allowed:
-        raise ValueError(f"{key} must be one of {', '.join(allowed)}; got '{value}'")
-    return value
-
-
 @DISTILL_HEAD_REGISTRY.register()
 class GKHead(DistillHead):
     """The three RDM terms of GK.
@@ -45,13 +39,13 @@ class GKHead(DistillHead):
         node = cfg.DISTILL.GK
         self.two_stage = self.student_kind(cfg) == "two_stage"
         self.strides = self.select_strides(node.STRIDES, student_shapes, teacher_shapes, "DISTILL.GK.STRIDES")
-        activation = _choice(node.ADAPTER_ACTIVATION, ("auto", "relu", "none"), "DISTILL.GK.ADAPTER_ACTIVATION")
+        activation = self.choice(node.ADAPTER_ACTIVATION, ("auto", "relu", "none"), "DISTILL.GK.ADAPTER_ACTIVATION")
         if activation == "auto":  # the authors: no ReLU for Faster R-CNN, ReLU for one-stage
             activation = "none" if self.two_stage else "relu"
         self.adapters = StrideAdapters(
             self.strides, student_shapes, teacher_shapes, "always", node.ADAPTER_KERNEL, relu=activation == "relu"
         )
-        instances = _choice(node.INSTANCES, ("auto",) + INSTANCE_SOURCES, "DISTILL.GK.INSTANCES")
+        instances = self.choice(node.INSTANCES, ("auto",) + INSTANCE_SOURCES, "DISTILL.GK.INSTANCES")
         if instances == "auto":
             instances = "positive_rois" if self.two_stage else "gt"
         if instances == "positive_rois" and not self.two_stage:
@@ -60,8 +54,8 @@ class GKHead(DistillHead):
                 "or 'auto' for a dense student"
             )
         self.instances = instances
-        self.response_rows = _choice(node.RESPONSE_ROIS, ("positive", "all"), "DISTILL.GK.RESPONSE_ROIS")
-        reduction = _choice(node.LEVEL_REDUCTION, ("auto", "mean", "sum"), "DISTILL.GK.LEVEL_REDUCTION")
+        self.response_rows = self.choice(node.RESPONSE_ROIS, ("positive", "all"), "DISTILL.GK.RESPONSE_ROIS")
+        reduction = self.choice(node.LEVEL_REDUCTION, ("auto", "mean", "sum"), "DISTILL.GK.LEVEL_REDUCTION")
         self.level_mean = reduction == "mean" or (reduction == "auto" and self.two_stage)
         self.global_weight = node.GLOBAL_WEIGHT
         self.fg_weight = node.FEATURE_WEIGHT * node.FG_WEIGHT

@@ -6,10 +6,9 @@ from torch import Tensor
 from ..structures import STUDENT, TEACHER
 from .adapters import StrideAdapters
 from .base import DistillHead
-from .functional import crop_to_common
+from .functional import SCORE_KINDS, crop_to_common
 from .registry import DISTILL_HEAD_REGISTRY
 
-SCORE_KINDS = ("sigmoid", "logits")
 
 
 def prediction_difference(student_cls: Tensor, teacher_cls: Tensor, sigmoid: bool = True) -> Tensor:
@@ -45,9 +44,7 @@ class PFIHead(DistillHead):
         super().__init__(cfg, student_shapes, teacher_shapes)
         node = cfg.DISTILL.PFI
         self.weight = node.WEIGHT
-        if node.SCORES not in SCORE_KINDS:
-            raise ValueError(f"DISTILL.PFI.SCORES must be one of {SCORE_KINDS}; got '{node.SCORES}'")
-        self.sigmoid = node.SCORES == "sigmoid"
+        self.sigmoid = self.choice(node.SCORES, SCORE_KINDS, "DISTILL.PFI.SCORES") == "sigmoid"
         self.strides = self.select_strides(node.STRIDES, student_shapes, teacher_shapes, "DISTILL.PFI.STRIDES")
         self.adapters = StrideAdapters(
             self.strides, student_shapes, teacher_shapes, node.ADAPTER, node.ADAPTER_KERNEL, node.ADAPTER_RELU

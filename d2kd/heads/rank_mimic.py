@@ -6,9 +6,9 @@ from torch import Tensor
 
 from ..structures import STUDENT, TEACHER
 from .base import DistillHead
+from .functional import SCORE_KINDS
 from .registry import DISTILL_HEAD_REGISTRY
 
-SCORE_KINDS = ("sigmoid", "logits")
 
 
 def segment_log_softmax(x: Tensor, segment: Tensor, num_segments: int) -> Tensor:
@@ -66,9 +66,7 @@ class RankMimicHead(DistillHead):
         super().__init__(cfg, student_shapes, teacher_shapes)
         node = cfg.DISTILL.RANK_MIMIC
         self.weight = node.WEIGHT
-        if node.SCORES not in SCORE_KINDS:
-            raise ValueError(f"DISTILL.RANK_MIMIC.SCORES must be one of {SCORE_KINDS}; got '{node.SCORES}'")
-        self.sigmoid = node.SCORES == "sigmoid"
+        self.sigmoid = self.choice(node.SCORES, SCORE_KINDS, "DISTILL.RANK_MIMIC.SCORES") == "sigmoid"
         self.requires = frozenset({"student.dense", "teacher.dense", "student.anchors", "paired_anchors"})
 
     def forward(self, ctx) -> Dict[str, Tensor]:

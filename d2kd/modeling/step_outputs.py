@@ -11,6 +11,7 @@ the step's outputs were made (the student's forward), so the teacher runs in the
 precision as the student. Under autocast the student's features are handed out in float32,
 so that a head's float32 modules (adapters) can take them with autocast off.
 """
+from contextlib import contextmanager
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -54,23 +55,6 @@ def rpn_outputs(model, anchors: List[Boxes], head_out, proposals: List[Instances
     )
 
 
-class _TeacherPass:
-    """``torch.no_grad()`` plus ``torch.autocast(kind, dtype, enabled)``."""
-
-    def __init__(self, kind: str, enabled: bool, dtype: torch.dtype):
-        self._contexts = (torch.no_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled))
-
-    def __enter__(self):
-        for c in self._contexts:
-            c.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        for c in reversed(self._contexts):
-            c.__exit__(*exc)
-        return False
-
-
 class ModelStepOutputs(StepOutputs):
     """Both models' results on one batch.
 
@@ -95,10 +79,12 @@ class ModelStepOutputs(StepOutputs):
         kind = self.device.type
         self._autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
 
+    @contextmanager
     def _teacher_pass(self):
         """no_grad, and the student's forward's autocast state, for a teacher pass."""
         kind, enabled, dtype = self._autocast
-        return _TeacherPass(kind, enabled, dtype)
+        with torch.no_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
+            yield
 
     def _recorded(self, key: str, what: str):
         if key not in self.record:
