@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.d2kd-installed
 
-.PHONY: venv demo test bench clean-demo
+.PHONY: venv demo demo-one-stage test bench clean-demo
 
 venv: $(STAMP)
 
@@ -20,8 +20,12 @@ $(STAMP): requirements.txt setup.py tools/install_detectron2.sh
 demo: venv
 	$(PY) tools/demo.py
 
+# The one-stage pair on built-in data: RetinaNet teacher, student alone, GK (output/demo_retinanet).
+demo-one-stage: venv
+	$(PY) tools/demo.py --pair retinanet
+
 test: venv
 	$(PY) -m pytest -q tests
 
 clean-demo:
-	rm -rf output/demo
+	rm -rf output/demo output/demo_retinanet

@@ -1,17 +1,27 @@
 #!/usr/bin/env python
 """The demo's comparison over several seeds, for every method: is the gain real?
 
+Two-stage table (the Faster R-CNN pair)::
+
     python benchmarks/bench_shapes_seeds.py --seeds 0 1 2 --methods gk fitnet kd pkd fgfi defeat \
         defeat_rw kd_rw rkd rkd_global gk_pkd
 
-One teacher (seed 0) is trained once and shared, as a released teacher would be; the student
-alone and each distilled student are trained once per seed (stages run one per CPU core).
-Prints mean +- sample std of COCO AP per model, and each method's gain over the student alone.
+One-stage table (the RetinaNet pair, the heterogeneous Faster R-CNN -> RetinaNet method, and
+the GFL pair with LD)::
+
+    python benchmarks/bench_shapes_seeds.py --pair one_stage --seeds 0 1 2 --output-dir output/one_stage
+
+Each pair's teacher (seed 0) is trained once and shared, as a released teacher would be; a
+method whose teacher is another pair's (``gk_from_faster``) uses that pair's teacher, trained
+once under ``<output-dir>/<pair>/teacher_seed0``. The student alone and each distilled
+student are trained once per seed, with the same iterations (stages run one per CPU core).
+Prints mean +- sample std of COCO AP per model, and each method's gain over its student alone.
 Stages are reused from --output-dir (default output/bench_shapes), so an interrupted run resumes.
 """
 import argparse
 import os
 import statistics
+from typing import Dict, NamedTuple, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,27 +31,55 @@ from d2kd.utils.experiment import run_stages  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "configs", "shapes")
-TEACHER = os.path.join(CONFIGS, "faster_rcnn_R_18_FPN_1k_shapes.yaml")
-STUDENT = os.path.join(CONFIGS, "faster_rcnn_R_18_half_FPN_1k_shapes.yaml")
-METHOD_CONFIGS = {
-    name: os.path.join(CONFIGS, f"{file}_faster_rcnn_R_18_half_FPN_1k{variant}_shapes.yaml")
-    for name, file, variant in [
-        ("gk", "gk", ""), ("fitnet", "fitnet", ""), ("kd", "kd", ""), ("pkd", "pkd", ""),
-        ("fgfi", "fgfi", ""), ("defeat", "defeat", ""), ("defeat_rw", "defeat", "_rw"),
-        ("kd_rw", "kd", "_rw"), ("rkd", "rkd", ""), ("rkd_global", "rkd", "_global"),
-        ("gk_pkd", "gk", "_withpkd"),
-    ]
-}
 
 
-# The one-stage pair (--pair retinanet): RetinaNet R-18 -> R-18 half width, levels p2-p6.
-RETINA_TEACHER = os.path.join(CONFIGS, "retinanet_R_18_FPN_1k_shapes.yaml")
-RETINA_STUDENT = os.path.join(CONFIGS, "retinanet_R_18_half_FPN_1k_shapes.yaml")
-RETINA_METHOD_CONFIGS = {
-    "gk": os.path.join(CONFIGS, "gk_retinanet_R_18_half_FPN_1k_shapes.yaml"),
-    "fitnet": os.path.join(CONFIGS, "fitnet_retinanet_R_18_half_FPN_1k_shapes.yaml"),
-    "rm_pfi": os.path.join(CONFIGS, "rank_mimic_retinanet_R_18_half_FPN_1k_withpfi_shapes.yaml"),
+def _config(name: str) -> str:
+    return os.path.join(CONFIGS, name)
+
+
+class Pair(NamedTuple):
+    """A teacher/student pair and its methods: name -> (config, the pair whose teacher it uses)."""
+
+    teacher: str
+    student: str
+    methods: Dict[str, Tuple[str, str]]
+
+
+PAIRS = {
+    "faster_rcnn": Pair(
+        _config("faster_rcnn_R_18_FPN_1k_shapes.yaml"),
+        _config("faster_rcnn_R_18_half_FPN_1k_shapes.yaml"),
+        {
+            name: (_config(f"{file}_faster_rcnn_R_18_half_FPN_1k{variant}_shapes.yaml"), "faster_rcnn")
+            for name, file, variant in [
+                ("gk", "gk", ""), ("fitnet", "fitnet", ""), ("kd", "kd", ""), ("pkd", "pkd", ""),
+                ("fgfi", "fgfi", ""), ("defeat", "defeat", ""), ("defeat_rw", "defeat", "_rw"),
+                ("kd_rw", "kd", "_rw"), ("rkd", "rkd", ""), ("rkd_global", "rkd", "_global"),
+                ("gk_pkd", "gk", "_withpkd"),
+            ]
+        },
+    ),
+    # RetinaNet R-18 -> R-18 half width, levels p2-p6; gk_from_faster: the Faster R-CNN teacher
+    "retinanet": Pair(
+        _config("retinanet_R_18_FPN_2k_shapes.yaml"),
+        _config("retinanet_R_18_half_FPN_1k_shapes.yaml"),
+        {
+            "gk": (_config("gk_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet"),
+            "fitnet": (_config("fitnet_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet"),
+            "rm_pfi": (_config("rank_mimic_retinanet_R_18_half_FPN_1k_withpfi_shapes.yaml"), "retinanet"),
+            "gk_from_faster": (_config("gk_retinanet_R_18_half_FPN_1k_fasterteacher_shapes.yaml"), "faster_rcnn"),
+        },
+    ),
+    # GFL R-18 -> R-18 half width (distribution box branch): LD
+    "gfl": Pair(
+        _config("gfl_R_18_FPN_2k_shapes.yaml"),
+        _config("gfl_R_18_half_FPN_1k_shapes.yaml"),
+        {"ld": (_config("ld_gfl_R_18_half_FPN_1k_shapes.yaml"), "gfl")},
+    ),
 }
+# --pair one_stage: every one-stage student in one table
+GROUPS = {"one_stage": ("retinanet", "gfl")}
+DEFAULT_METHODS = {"faster_rcnn": ["gk", "fitnet", "kd"]}
 
 
 def mean_std(values):
@@ -49,52 +87,77 @@ def mean_std(values):
 
 
 def main():
-    global TEACHER, STUDENT, METHOD_CONFIGS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=["gk", "fitnet", "kd"],
-                        choices=sorted(set(METHOD_CONFIGS) | set(RETINA_METHOD_CONFIGS)))
-    parser.add_argument("--pair", choices=["faster_rcnn", "retinanet"], default="faster_rcnn")
+    parser.add_argument("--pair", choices=sorted(PAIRS) + sorted(GROUPS), default="faster_rcnn")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="methods of the chosen pair(s) (default: gk fitnet kd for faster_rcnn, "
+                             "every method of a one-stage pair)")
     parser.add_argument("--output-dir", default=os.path.join(REPO, "output", "bench_shapes"))
     args = parser.parse_args()
+
+    pairs = GROUPS.get(args.pair, (args.pair,))
+    offered = {m: p for p in pairs for m in PAIRS[p].methods}
+    methods = args.methods or [m for p in pairs for m in DEFAULT_METHODS.get(p, PAIRS[p].methods)]
+    unknown = [m for m in methods if m not in offered]
+    if unknown:
+        parser.error(f"methods {unknown} have no config for --pair {args.pair}; choose from {sorted(offered)}")
     setup_logger(name="detectron2")
     setup_logger(name="d2kd")
     for split in ("d2kd_shapes_train", "d2kd_shapes_val"):
         ensure_shapes_generated(split)
 
-    if args.pair == "retinanet":
-        TEACHER, STUDENT, METHOD_CONFIGS = RETINA_TEACHER, RETINA_STUDENT, RETINA_METHOD_CONFIGS
-    unknown = [m for m in args.methods if m not in METHOD_CONFIGS]
-    if unknown:
-        parser.error(f"methods {unknown} have no config for the {args.pair} pair; choose from {sorted(METHOD_CONFIGS)}")
     out = args.output_dir
-    teacher_dir = os.path.join(out, "teacher_seed0")
-    students = [("student", STUDENT, os.path.join(out, f"student_seed{s}"), ["SEED", str(s)]) for s in args.seeds]
-    # the teacher first (beside the first student): every distilled student needs it
-    teacher, *_ = run_stages([("teacher", TEACHER, teacher_dir, ["SEED", "0"]), students[0]])
-    teacher_weights = os.path.join(teacher_dir, "model_final.pth")
-    distilled = [
-        (m, METHOD_CONFIGS[m], os.path.join(out, f"{m}_seed{s}"),
-         ["SEED", str(s), "DISTILL.TEACHER.WEIGHTS", teacher_weights])
-        for s in args.seeds for m in args.methods
-    ]
-    results = run_stages(students + distilled)
-    student_ap = [r["AP"] for r in results[: len(students)]]
-    method_ap = {m: [] for m in args.methods}
-    for (m, *_), r in zip(distilled, results[len(students):]):
-        method_ap[m].append(r["AP"])
+    # one pair alone keeps the flat layout (<out>/teacher_seed0, ...); a group nests per pair
+    pair_dir = {p: out if len(pairs) == 1 else os.path.join(out, p) for p in PAIRS}
+    teacher_pairs = list(dict.fromkeys([*pairs, *(PAIRS[offered[m]].methods[m][1] for m in methods)]))
+    for p in teacher_pairs:
+        if p not in pairs:  # another pair's teacher, kept apart from this pair's stages
+            pair_dir[p] = os.path.join(out, f"{p}_teacher")
+    teacher_dirs = {p: os.path.join(pair_dir[p], "teacher_seed0") for p in teacher_pairs}
+    students = {
+        p: [("student", PAIRS[p].student, os.path.join(pair_dir[p], f"student_seed{s}"), ["SEED", str(s)])
+            for s in args.seeds]
+        for p in pairs
+    }
+    # the teachers first (beside the first students): every distilled student needs one
+    first = [("teacher", PAIRS[p].teacher, teacher_dirs[p], ["SEED", "0"]) for p in teacher_pairs]
+    first += [students[p][0] for p in pairs]
+    teachers = dict(zip(teacher_pairs, run_stages(first)))
+    stages, keys = [], []
+    for p in pairs:
+        stages += students[p]
+        keys += [(p, "student")] * len(args.seeds)
+    for s in args.seeds:
+        for m in methods:
+            p = offered[m]
+            config, teacher_pair = PAIRS[p].methods[m]
+            weights = os.path.join(teacher_dirs[teacher_pair], "model_final.pth")
+            stages.append((m, config, os.path.join(pair_dir[p], f"{m}_seed{s}"),
+                           ["SEED", str(s), "DISTILL.TEACHER.WEIGHTS", weights]))
+            keys.append((p, m))
+    results = run_stages(stages)
+    ap = {}
+    for key, r in zip(keys, results):
+        ap.setdefault(key, []).append(r["AP"])
 
-    s_mean, s_std = mean_std(student_ap)
-    print(f"\nCOCO AP on d2kd_shapes_val, seeds {args.seeds} (one teacher, seed 0)\n")
-    print("| model | AP mean ± std | per seed | gain over the student alone (mean ± std) |")
-    print("|---|---|---|---|")
-    print(f"| teacher | {teacher['AP']:.2f} | - | - |")
-    print(f"| student alone | {s_mean:.2f} ± {s_std:.2f} | {', '.join(f'{v:.2f}' for v in student_ap)} | - |")
-    for m in args.methods:
-        values = method_ap[m]
-        mean, std = mean_std(values)
-        g, gsd = mean_std([v - b for v, b in zip(values, student_ap)])
-        print(f"| {m} | {mean:.2f} ± {std:.2f} | {', '.join(f'{v:.2f}' for v in values)} | {g:+.2f} ± {gsd:.2f} |")
+    print(f"\nCOCO AP on d2kd_shapes_val, seeds {args.seeds} (one teacher per pair, seed 0)\n")
+    print("| pair | model | teacher | AP mean ± std | per seed | gain over the student alone (mean ± std) |")
+    print("|---|---|---|---|---|---|")
+    for p in pairs:
+        print(f"| {p} | teacher | {p} | {teachers[p]['AP']:.2f} | - | - |")
+        student_ap = ap[(p, "student")]
+        s_mean, s_std = mean_std(student_ap)
+        print(f"| {p} | student alone | - | {s_mean:.2f} ± {s_std:.2f} | "
+              f"{', '.join(f'{v:.2f}' for v in student_ap)} | - |")
+        for m in [m for m in methods if offered[m] == p]:
+            values = ap[(p, m)]
+            mean, std = mean_std(values)
+            g, gsd = mean_std([v - b for v, b in zip(values, student_ap)])
+            teacher_pair = PAIRS[p].methods[m][1]
+            note = "" if teacher_pair == p else f" (AP {teachers[teacher_pair]['AP']:.2f})"
+            print(f"| {p} | {m} | {teacher_pair}{note} | {mean:.2f} ± {std:.2f} | "
+                  f"{', '.join(f'{v:.2f}' for v in values)} | {g:+.2f} ± {gsd:.2f} |")
 
 
 if __name__ == "__main__":

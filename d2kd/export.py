@@ -46,7 +46,7 @@ from .checkpoint import (
     IncompatibleCheckpointError,
     describe_load_error,
 )
-from .modeling.kinds import plain_meta_arch_of
+from .modeling.kinds import is_distill_meta_arch, plain_meta_arch_of
 from .utils.atomic import TEMPORARY_NAME, fsync_directory, pid_is_alive, temporary_path
 
 logger = logging.getLogger(__name__)
@@ -67,10 +67,12 @@ class ReleaseCheckError(RuntimeError):
 
 
 def student_config(cfg: CfgNode) -> CfgNode:
-    """The student's own config: a vanilla meta-architecture and no ``DISTILL`` node."""
+    """The student's own config: a vanilla meta-architecture and no ``DISTILL`` node. A plain
+    detector's config (a teacher, or a student trained alone) is its own student."""
     out = cfg.clone()
     out.defrost()
-    out.MODEL.META_ARCHITECTURE = plain_meta_arch_of(cfg.MODEL.META_ARCHITECTURE)
+    if is_distill_meta_arch(cfg.MODEL.META_ARCHITECTURE):
+        out.MODEL.META_ARCHITECTURE = plain_meta_arch_of(cfg.MODEL.META_ARCHITECTURE)
     if "DISTILL" in out:
         del out["DISTILL"]
     return out

@@ -260,15 +260,25 @@ def test_vlr_membership_on_a_hand_made_anchor_set():
     assert vlr_weights([anchors], gt.new_zeros(0, 4)).sum() == 0
 
 
-def test_ld_threshold_is_the_atss_threshold():
-    from d2kd.heads.ld import atss_iou_thresholds
+def test_atss_threshold_is_mean_plus_std_of_the_nearest_anchors_per_level():
+    # one shared rule (d2kd.structures.atss) serves GFL's assignment and LD's VLR
+    from d2kd.structures.atss import atss_thresholds
 
     g = torch.Generator().manual_seed(3)
     levels = [row_anchors(12, 8, 32).tensor, row_anchors(6, 16, 64).tensor]
     xy = torch.rand(4, 2, generator=g) * 60
     gt = torch.cat([xy, xy + 10 + torch.rand(4, 2, generator=g) * 30], 1)
     iou = pairwise_iou(Boxes(torch.cat(levels)), Boxes(gt))
-    assert torch.allclose(atss_iou_thresholds(levels, gt, iou, 5), atss_thresholds(levels, gt, iou, 5)[1])
+    _, thr = atss_thresholds(levels, gt, iou, 5)
+    for j in range(len(gt)):
+        picked, start = [], 0
+        for anchors in levels:
+            centre = (anchors[:, :2] + anchors[:, 2:]) / 2
+            d = ((centre - (gt[j, :2] + gt[j, 2:]) / 2) ** 2).sum(-1)
+            picked += [start + i for i in sorted(range(len(anchors)), key=lambda i: d[i].item())[:5]]
+            start += len(anchors)
+        values = iou[picked, j]
+        assert thr[j].item() == pytest.approx((values.mean() + values.std()).item(), abs=1e-6)
 
 
 def ld_context(student_box, teacher_box, cls_s, cls_t, labels, matched, gts, width):
@@ -538,7 +548,7 @@ def test_distilled_gfl_student_is_a_plain_gfl(tmp_path):
     assert torch.allclose(a.scores, b.scores) and torch.allclose(a.pred_boxes.tensor, b.pred_boxes.tensor)
 
 
-@pytest.mark.parametrize("name", ["gfl_R_18_FPN_1k_shapes.yaml", "gfl_R_18_half_FPN_1k_shapes.yaml",
+@pytest.mark.parametrize("name", ["gfl_R_18_FPN_2k_shapes.yaml", "gfl_R_18_half_FPN_1k_shapes.yaml",
                                   "ld_gfl_R_18_half_FPN_1k_shapes.yaml"])
 def test_shapes_gfl_configs_load(name):
     import os
@@ -553,3 +563,40 @@ def test_shapes_gfl_configs_load(name):
         assert teacher.MODEL.META_ARCHITECTURE == "GFL" and teacher.MODEL.GFL.NUM_CLASSES == 6
     else:
         assert cfg.MODEL.META_ARCHITECTURE == "GFL"
+
+
+def test_gfl_trains_on_the_built_in_data_is_coco_evaluated_and_exports_verified(tmp_path, shapes_cache):
+    """The user's path for a GFL: train_net.py on the shapes config, detectron2's COCOEvaluator
+    at the end, then tools/export_student.py --verify (a plain GFL that needs d2kd's
+    registration, and says so)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    env = dict(os.environ, D2KD_CACHE=str(shapes_cache), OMP_NUM_THREADS="1")
+    config = os.path.join(repo, "configs", "shapes", "gfl_R_18_half_FPN_1k_shapes.yaml")
+    out = tmp_path / "gfl"
+    train = subprocess.run(
+        [sys.executable, os.path.join(repo, "train_net.py"), "--config-file", config,
+         "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "3",
+         "OUTPUT_DIR", str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    log = train.stdout + train.stderr
+    assert train.returncode == 0, log[-3000:]
+    assert "COCOEvaluator" in log or "coco_evaluation" in log, log[-3000:]
+    assert re.search(r"copypaste: AP,AP50,AP75,APs,APm,APl", log), log[-3000:]
+
+    export = subprocess.run(
+        [sys.executable, os.path.join(repo, "tools", "export_student.py"), "--config-file", config,
+         "--weights", str(out / "model_final.pth"), "--output-dir", str(tmp_path / "release"), "--verify",
+         "--num-images", "2", "MODEL.GFL.SCORE_THRESH_TEST", "0.0"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-3000:]
+    assert "NEEDS: MODEL.META_ARCHITECTURE = GFL" in export.stdout
+    assert "verified: detectron2 with d2kd" in export.stdout
+    assert "no missing or unexpected keys" in export.stdout
+    assert int(re.search(r"(\d+) detections", export.stdout).group(1)) > 0

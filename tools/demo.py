@@ -8,6 +8,10 @@ prints a table and writes a PNG of the three models' detections on the same vali
 Finished stages are reused; an interrupted stage resumes from its last checkpoint.
 
     python tools/demo.py [--output-dir output/demo] [--seed 0]
+
+``--pair retinanet`` (``make demo-one-stage``) runs the one-stage pair instead: a RetinaNet
+teacher (2000 iterations), the RetinaNet student alone and GK, under ``output/demo_retinanet``;
+``--pair gfl`` the GFL pair with LD, under ``output/demo_gfl``.
 """
 import argparse
 import os
@@ -26,16 +30,29 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "configs", "shapes")
-TEACHER = os.path.join(CONFIGS, "faster_rcnn_R_18_FPN_1k_shapes.yaml")
-STUDENT = os.path.join(CONFIGS, "faster_rcnn_R_18_half_FPN_1k_shapes.yaml")
-DISTILLED = os.path.join(CONFIGS, "gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml")
+# pair -> teacher, student alone, distilled student configs, and the method's name
+PAIRS = {
+    "faster_rcnn": ("faster_rcnn_R_18_FPN_1k_shapes.yaml", "faster_rcnn_R_18_half_FPN_1k_shapes.yaml",
+                    "gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml", "gk"),
+    "retinanet": ("retinanet_R_18_FPN_2k_shapes.yaml", "retinanet_R_18_half_FPN_1k_shapes.yaml",
+                  "gk_retinanet_R_18_half_FPN_1k_shapes.yaml", "gk"),
+    "gfl": ("gfl_R_18_FPN_2k_shapes.yaml", "gfl_R_18_half_FPN_1k_shapes.yaml",
+            "ld_gfl_R_18_half_FPN_1k_shapes.yaml", "ld"),
+}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default=os.path.join(REPO, "output", "demo"))
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="faster_rcnn")
+    parser.add_argument("--output-dir", default=None,
+                        help="default output/demo (faster_rcnn), output/demo_<pair> otherwise")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.output_dir is None:
+        args.output_dir = os.path.join(REPO, "output", "demo" if args.pair == "faster_rcnn" else f"demo_{args.pair}")
+    *configs, method = PAIRS[args.pair]
+    teacher_config, student_config, distilled_config = (os.path.join(CONFIGS, f) for f in configs)
+    distilled_title = f"distilled ({method.upper()})"
     setup_logger(name="detectron2")
     setup_logger(name="d2kd")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -44,15 +61,15 @@ def main():
     for split in ("d2kd_shapes_train", "d2kd_shapes_val"):  # once, before stages run side by side
         ensure_shapes_generated(split)
     teacher, student, distilled, teacher_weights = run_comparison(
-        TEACHER, STUDENT, DISTILLED, args.output_dir, args.seed)
+        teacher_config, student_config, distilled_config, args.output_dir, args.seed, distill_name=method)
 
     from d2kd.utils.visualize import detections_side_by_side
 
     models = []
     for title, config, stage in (
-        ("teacher", TEACHER, "teacher_seed0"),
-        ("student alone", STUDENT, f"student_seed{args.seed}"),
-        ("distilled (GK)", DISTILLED, f"gk_seed{args.seed}"),
+        ("teacher", teacher_config, "teacher_seed0"),
+        ("student alone", student_config, f"student_seed{args.seed}"),
+        (distilled_title, distilled_config, f"{method}_seed{args.seed}"),
     ):
         opts = ["MODEL.WEIGHTS", os.path.join(args.output_dir, stage, "model_final.pth"),
                 "DISTILL.TEACHER.WEIGHTS", teacher_weights]
@@ -61,7 +78,7 @@ def main():
     png = detections_side_by_side(models, [r["file_name"] for r in val[:4]], "d2kd_shapes_val",
                                   os.path.join(args.output_dir, "detections.png"))
 
-    print("\n" + comparison_table(teacher, student, distilled))
+    print("\n" + comparison_table(teacher, student, distilled, distilled_title))
     print(f"\ndetections of the three models on the same validation images: {png}")
     print(f"total time: {(time.time() - start) / 60:.1f} min (finished stages are reused on the next run)")
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Export a distilled student as a plain detectron2 model (weights + config).
+"""Export a distilled student as a plain detectron2 model (weights + config). A plain
+detector's config (a teacher, or a student trained alone) exports the same way.
 
     python tools/export_student.py --config-file configs/gk_faster_rcnn_R_50_FPN_2x_coco.yaml \
         --weights output/model_final.pth --output-dir release/ [--verify]

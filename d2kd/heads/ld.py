@@ -6,6 +6,7 @@ from detectron2.structures import Boxes, pairwise_iou
 from torch import Tensor
 
 from ..structures import STUDENT, TEACHER
+from ..structures.atss import atss_thresholds
 from .base import DistillHead
 from .functional import kl_per_row
 from .registry import DISTILL_HEAD_REGISTRY
@@ -40,22 +41,6 @@ def pairwise_diou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
     return iou - rho2 / diag2
 
 
-def atss_iou_thresholds(level_anchors: List[Tensor], gt_boxes: Tensor, iou: Tensor, topk: int = 9) -> Tensor:
-    """ATSS's threshold per GT box (G,): mean + (unbiased) std of the IoUs of the ``topk``
-    anchors per level whose centres are closest to its centre. ``iou`` is (R, G).
-    (The same rule as d2kd.modeling.gfl.atss_thresholds; heads do not import modeling.)"""
-    gt_centres = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
-    cand, start = [], 0
-    for anchors in level_anchors:
-        centres = (anchors[:, :2] + anchors[:, 2:]) / 2
-        d = ((centres[:, None, :] - gt_centres[None, :, :]) ** 2).sum(-1).sqrt()
-        cand.append(d.topk(min(topk, len(anchors)), dim=0, largest=False).indices + start)
-        start += len(anchors)
-    cand_iou = iou.gather(0, torch.cat(cand, dim=0))
-    thr = cand_iou.mean(0)
-    return thr + cand_iou.std(0) if len(cand_iou) > 1 else thr
-
-
 def vlr_weights(level_anchors: List[Tensor], gt_boxes: Tensor, iou: Tensor = None, topk: int = 9,
                 lower: float = 0.25) -> Tensor:
     """The valuable localisation region of one image and its weights.
@@ -77,7 +62,7 @@ def vlr_weights(level_anchors: List[Tensor], gt_boxes: Tensor, iou: Tensor = Non
         return anchors.new_zeros(len(anchors))
     if iou is None:
         iou = pairwise_iou(Boxes(anchors), Boxes(gt_boxes))
-    thr = atss_iou_thresholds(level_anchors, gt_boxes, iou, topk)
+    _, thr = atss_thresholds(level_anchors, gt_boxes, iou, topk)
     diou = pairwise_diou(anchors, gt_boxes)
     band = (diou >= lower * thr[None, :]) & (diou < thr[None, :])
     return torch.where(band, iou, torch.zeros_like(iou)).max(dim=1).values

@@ -41,6 +41,7 @@ from detectron2.utils.events import get_event_storage
 from fvcore.nn import giou_loss
 from torch import Tensor, nn
 
+from ..structures.atss import atss_thresholds, box_centres as anchor_centres
 from .kinds import DENSE, KINDS, DetectorKind
 
 __all__ = [
@@ -64,11 +65,6 @@ def distribution_to_distance(logits: Tensor, reg_max: int) -> Tensor:
         raise ValueError(f"expected 4 * (reg_max + 1) = {4 * bins} box channels, got {logits.shape[-1]}")
     prob = F.softmax(logits.reshape(*logits.shape[:-1], 4, bins).float(), dim=-1)
     return prob @ torch.arange(bins, dtype=prob.dtype, device=prob.device)
-
-
-def anchor_centres(boxes: Tensor) -> Tensor:
-    """(..., 4) XYXY -> (..., 2) centres."""
-    return (boxes[..., :2] + boxes[..., 2:]) / 2
 
 
 def distance_to_boxes(centres: Tensor, distances: Tensor) -> Tensor:
@@ -143,39 +139,6 @@ def quality_focal_loss(logits: Tensor, labels: Tensor, quality: Tensor, beta: fl
 
 
 # ---- ATSS ----
-def _candidates(level_anchors: List[Tensor], gt_boxes: Tensor, topk: int) -> Tensor:
-    """(K, G) indices (into the concatenated anchors) of the ``topk`` anchors per level whose
-    centres are closest to each GT box's centre."""
-    gt_centres = anchor_centres(gt_boxes)
-    out, start = [], 0
-    for anchors in level_anchors:
-        d = ((anchor_centres(anchors)[:, None, :] - gt_centres[None, :, :]) ** 2).sum(-1).sqrt()
-        k = min(topk, len(anchors))
-        out.append(d.topk(k, dim=0, largest=False).indices + start)
-        start += len(anchors)
-    return torch.cat(out, dim=0)
-
-
-def atss_thresholds(level_anchors: List[Tensor], gt_boxes: Tensor, iou: Tensor, topk: int = 9) -> Tuple[Tensor, Tensor]:
-    """ATSS's adaptive IoU threshold per GT box.
-
-    Args:
-        level_anchors (list[Tensor]): per level (R_l, 4) XYXY anchors, in concatenation order.
-        gt_boxes (Tensor): (G, 4) XYXY.
-        iou (Tensor): (R, G) IoU of every anchor with every GT box.
-        topk (int): candidates per level.
-    Returns:
-        (Tensor, Tensor): candidates (K, G) (anchor indices) and thresholds (G,): the mean
-        plus the (unbiased) standard deviation of the candidates' IoUs.
-    """
-    cand = _candidates(level_anchors, gt_boxes, topk)
-    cand_iou = iou.gather(0, cand)
-    thr = cand_iou.mean(0)
-    if len(cand) > 1:
-        thr = thr + cand_iou.std(0)
-    return cand, thr
-
-
 @torch.no_grad()
 def atss_assign(level_anchors: List[Tensor], gt_boxes: Tensor, topk: int = 9) -> Tensor:
     """ATSS (Zhang et al., CVPR 2020), as GFL uses it.
