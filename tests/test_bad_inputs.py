@@ -41,8 +41,9 @@ def test_teacher_config_from_model_zoo_name_is_resolved(tmp_path):
 
 def test_teacher_with_other_classes(tmp_path):
     cfg = distill_cfg(tmp_path, teacher_classes=5)
-    with pytest.raises(TeacherConfigError, match="teacher predicts 5 classes but the student predicts 3"):
+    with pytest.raises(TeacherConfigError, match="teacher predicts 5 classes but the student predicts 3") as err:
         build_model(cfg)
+    assert "MODEL.ROI_HEADS.NUM_CLASSES" in str(err.value)
 
 
 def test_teacher_checkpoint_with_missing_and_unexpected_keys(tmp_path):

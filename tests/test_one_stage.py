@@ -526,6 +526,15 @@ def test_ld_with_a_retinanet_teacher_is_refused_at_build(tmp_path):
         build_model(cfg)
 
 
+def test_a_gfl_teacher_with_other_classes_names_the_gfl_key(tmp_path):
+    from d2kd.modeling.teacher import TeacherConfigError
+
+    cfg = distill_gfl_cfg(tmp_path, heads=["ld"])
+    cfg.DISTILL.TEACHER.OPTS = ["MODEL.GFL.NUM_CLASSES", "5"]
+    with pytest.raises(TeacherConfigError, match=r"teacher predicts 5 classes.*MODEL\.GFL\.NUM_CLASSES"):
+        build_model(cfg)
+
+
 def test_distilled_gfl_student_is_a_plain_gfl(tmp_path):
     """The student's config and weights, as export reads them, build and load as a plain GFL in
     stock detectron2 plus d2kd's registration (get_cfg, add_gfl_config, merge, build)."""

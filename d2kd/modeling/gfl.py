@@ -470,6 +470,7 @@ GFL_KIND = DetectorKind(
     num_classes=lambda model: model.num_classes,
     anchor_generator=lambda model: model.anchor_generator,
     describe="a GFL detector (dense, its box branch a distribution per box edge)",
+    num_classes_key="MODEL.GFL.NUM_CLASSES",
     model_class=GFL,
 )
 # kind_of(): a GFL is a DenseDetector too, so its own kind must be tried before DENSE.

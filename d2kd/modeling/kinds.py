@@ -26,6 +26,7 @@ class DetectorKind:
         num_classes (callable): model -> C, its number of foreground classes.
         anchor_generator (callable): model -> the anchor generator its anchors come from.
         describe (str): for error messages.
+        num_classes_key (str): the config key that sets ``num_classes`` (for error messages).
         model_class (type or None): when set, the kind matches exactly the instances of this
             class (e.g. d2kd's GFL); else the kind's structural test below.
     """
@@ -36,6 +37,7 @@ class DetectorKind:
     num_classes: Callable[[nn.Module], int] = field(hash=False)
     anchor_generator: Callable[[nn.Module], nn.Module] = field(hash=False)
     describe: str = ""
+    num_classes_key: str = ""
     model_class: Optional[type] = field(default=None, hash=False)
 
     def matches(self, model: nn.Module) -> bool:
@@ -64,6 +66,7 @@ TWO_STAGE = DetectorKind(
     num_classes=lambda model: model.roi_heads.num_classes,
     anchor_generator=lambda model: model.proposal_generator.anchor_generator,
     describe="a two-stage detector (GeneralizedRCNN with an RPN and a box head)",
+    num_classes_key="MODEL.ROI_HEADS.NUM_CLASSES",
 )
 
 DENSE = DetectorKind(
@@ -73,6 +76,7 @@ DENSE = DetectorKind(
     num_classes=lambda model: model.num_classes,
     anchor_generator=lambda model: model.anchor_generator,
     describe="a dense one-stage detector (a detectron2 DenseDetector such as RetinaNet)",
+    num_classes_key="MODEL.RETINANET.NUM_CLASSES",
 )
 
 # Tried in order by kind_of(), the more specific first. A module that defines a kind for its own

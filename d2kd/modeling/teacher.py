@@ -66,8 +66,9 @@ def check_same_classes(student: nn.Module, student_kind: DetectorKind, teacher: 
         raise TeacherConfigError(
             f"the teacher predicts {t_classes} classes but the student predicts {s_classes}: "
             "distillation needs the same label space. Train the teacher on the student's "
-            "dataset, or fix MODEL.ROI_HEADS.NUM_CLASSES / MODEL.RETINANET.NUM_CLASSES "
-            "(DISTILL.TEACHER.OPTS can override the teacher's)"
+            f"dataset, or fix the student's {student_kind.num_classes_key or 'class count'} / the "
+            f"teacher's {teacher_kind.num_classes_key or 'class count'} (DISTILL.TEACHER.OPTS can "
+            "override the teacher's)"
         )
 
 
