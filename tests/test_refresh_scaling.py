@@ -39,7 +39,9 @@ def _same(a, b):
                 assert torch.equal(x, y), (s, c)
 
 
-def test_teacher_features_are_computed_once_and_reused(tmp_path, caplog):
+def test_teacher_features_are_computed_once_and_reused(tmp_path, caplog, monkeypatch):
+    import d2kd.engine.prototype_refresh as refresh
+
     model = _gk_model(tmp_path)
     calls = []
     model.teacher.backbone.register_forward_hook(lambda *args: calls.append(1))
@@ -49,6 +51,11 @@ def test_teacher_features_are_computed_once_and_reused(tmp_path, caplog):
     from detectron2.utils import logger as d2_logger
 
     d2_logger._LOG_TIMER.clear()  # the progress line is rate-limited per call site
+    with caplog.at_level(logging.INFO, logger="d2kd"):
+        collect_instance_features(model, _batches(), 4, teacher_cache=cache, total_images=6)
+    # a build quicker than PROGRESS_AFTER_S logs no progress line
+    assert not any("ETA" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    monkeypatch.setattr(refresh, "PROGRESS_AFTER_S", 0.0)  # as if the build were slow
     with caplog.at_level(logging.INFO, logger="d2kd"):
         second = collect_instance_features(model, _batches(), 4, teacher_cache=cache, total_images=6)
     assert len(calls) == 3  # the teacher did not run again

@@ -30,15 +30,22 @@ InstanceFeatureSets = Dict[int, Dict[int, Tuple[Tensor, Tensor, Tensor]]]
 TeacherFeatureCache = Dict[int, Dict[int, Tensor]]
 
 
-def _progress(done: int, total: int, start: float, what: str) -> None:
-    """A progress line with ETA, at most every 10 s (as detectron2's evaluators log)."""
+# A build logs progress lines only once it has run this long: a quick one logs its summary alone.
+PROGRESS_AFTER_S = 10.0
+
+
+def _progress(done: int, total: int, start: float, what: str, unit: str = "images") -> None:
+    """A progress line with ETA every 10 s (as detectron2's evaluators log), from
+    ``PROGRESS_AFTER_S`` on."""
     if total <= 0 or done <= 0:
         return
     elapsed = time.perf_counter() - start
+    if elapsed < PROGRESS_AFTER_S:
+        return
     eta = elapsed / done * (total - done)
     log_every_n_seconds(
         logging.INFO,
-        f"{what}: {done}/{total} images, {elapsed:.0f} s elapsed, ETA {eta:.0f} s",
+        f"{what}: {done}/{total} {unit}, {elapsed:.0f} s elapsed, ETA {eta:.0f} s",
         n=10, name=__name__,
     )
 
@@ -246,13 +253,7 @@ def select_share(features: InstanceFeatureSets, share: List[Tuple[int, int]], nu
             f_s, f_t = f_s.to(device), f_t.to(device)
         chosen[(s, c)] = select_prototypes(f_s, f_t, num_prototypes, alpha=alpha, cache_bytes=cache_bytes).cpu()
         if total:
-            elapsed = time.perf_counter() - start
-            log_every_n_seconds(
-                logging.INFO,
-                f"Prototype build: selection {i + 1}/{len(share)} (class, stride) pairs on this rank, "
-                f"{elapsed:.0f} s elapsed, ETA {elapsed / (i + 1) * (len(share) - i - 1):.0f} s",
-                n=10, name=__name__,
-            )
+            _progress(i + 1, len(share), start, "Prototype build: selection", "(class, stride) pairs on this rank")
     return chosen
 
 
