@@ -154,3 +154,23 @@ def test_non_finite_distillation_loss_names_its_term(tmp_path):
         next(model.distill_heads["fitnet"].parameters()).fill_(float("nan"))
     with EventStorage(0), pytest.raises(FloatingPointError, match="loss_distill_fitnet"):
         model(random_batch())
+
+
+@pytest.mark.parametrize("student", ["rcnn", "retinanet"])
+def test_a_deep_copied_model_records_into_its_own_recorder(tmp_path, student):
+    # e.g. an EMA copy: its forward must feed its own heads, and never the original's recorder
+    cfg = distill_cfg(tmp_path, student, student, heads=["kd"])
+    model = build_model(cfg)
+    model.train()
+    twin = copy.deepcopy(model)
+    seen = []
+    original_put = model._recorder.put
+    model._recorder.put = lambda key, value: (seen.append(key), original_put(key, value))
+    with EventStorage(0):
+        losses = twin(random_batch())
+    assert torch.isfinite(losses["loss_distill_kd"]) and losses["loss_distill_kd"].item() > 0
+    assert not seen and not model._recorder.values
+    with model._recorder.recording() as values:  # the original's hooks are its own too
+        with EventStorage(0):
+            twin(random_batch())
+    assert not values

@@ -9,6 +9,22 @@ from typing import Any, Dict
 from torch import nn
 
 
+class _RecordHook:
+    """A forward hook that keeps a submodule's output in its recorder.
+
+    An object rather than a closure: ``copy.deepcopy`` of the model copies it with the model's
+    recorder (one memo), so a copy (e.g. an EMA model) records into its own recorder, not the
+    original's.
+    """
+
+    def __init__(self, recorder: "Recorder", key: str):
+        self.recorder, self.key = recorder, key
+
+    def __call__(self, module, inputs, output):
+        if self.recorder._active:
+            self.recorder.values[self.key] = output
+
+
 class Recorder:
     """Forward hooks on named submodules that keep their outputs while recording is on.
 
@@ -26,13 +42,7 @@ class Recorder:
                 module = model.get_submodule(path)
             except AttributeError:
                 continue
-            self._handles.append(module.register_forward_hook(self._hook(key)))
-
-    def _hook(self, key: str):
-        def hook(module, inputs, output):
-            if self._active:
-                self.values[key] = output
-        return hook
+            self._handles.append(module.register_forward_hook(_RecordHook(self, key)))
 
     def put(self, key: str, value: Any) -> None:
         """Record a value from code (an overridden method) rather than a hook."""
