@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import d2kd  # noqa: E402,F401
 from d2kd.data import ensure_shapes_generated  # noqa: E402
-from d2kd.utils.experiment import run_stages  # noqa: E402
+from d2kd.utils.experiment import SHAPES_PAIRS, run_stages  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "configs", "shapes")
@@ -45,10 +45,14 @@ class Pair(NamedTuple):
     methods: Dict[str, Tuple[str, str]]
 
 
+def _pair(name: str, methods: Dict[str, Tuple[str, str]]) -> Pair:
+    teacher, student = SHAPES_PAIRS[name]
+    return Pair(_config(teacher), _config(student), methods)
+
+
 PAIRS = {
-    "faster_rcnn": Pair(
-        _config("faster_rcnn_R_18_FPN_1k_shapes.yaml"),
-        _config("faster_rcnn_R_18_half_FPN_1k_shapes.yaml"),
+    "faster_rcnn": _pair(
+        "faster_rcnn",
         {
             name: (_config(f"{file}_faster_rcnn_R_18_half_FPN_1k{variant}_shapes.yaml"), "faster_rcnn")
             for name, file, variant in [
@@ -60,9 +64,8 @@ PAIRS = {
         },
     ),
     # RetinaNet R-18 -> R-18 half width, levels p2-p6; gk_from_faster: the Faster R-CNN teacher
-    "retinanet": Pair(
-        _config("retinanet_R_18_FPN_2k_shapes.yaml"),
-        _config("retinanet_R_18_half_FPN_1k_shapes.yaml"),
+    "retinanet": _pair(
+        "retinanet",
         {
             "gk": (_config("gk_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet"),
             "fitnet": (_config("fitnet_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet"),
@@ -71,9 +74,8 @@ PAIRS = {
         },
     ),
     # GFL R-18 -> R-18 half width (distribution box branch): LD
-    "gfl": Pair(
-        _config("gfl_R_18_FPN_2k_shapes.yaml"),
-        _config("gfl_R_18_half_FPN_1k_shapes.yaml"),
+    "gfl": _pair(
+        "gfl",
         {"ld": (_config("ld_gfl_R_18_half_FPN_1k_shapes.yaml"), "gfl")},
     ),
 }

@@ -25,33 +25,31 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import d2kd  # noqa: E402,F401
 from d2kd.config import load_config  # noqa: E402
 from d2kd.data import ensure_shapes_generated  # noqa: E402
-from d2kd.utils.experiment import comparison_table, run_comparison  # noqa: E402
+from d2kd.utils.experiment import SHAPES_PAIRS, comparison_table, run_comparison  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "configs", "shapes")
-# pair -> teacher, student alone, distilled student configs, and the method's name
-PAIRS = {
-    "faster_rcnn": ("faster_rcnn_R_18_FPN_1k_shapes.yaml", "faster_rcnn_R_18_half_FPN_1k_shapes.yaml",
-                    "gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml", "gk"),
-    "retinanet": ("retinanet_R_18_FPN_2k_shapes.yaml", "retinanet_R_18_half_FPN_1k_shapes.yaml",
-                  "gk_retinanet_R_18_half_FPN_1k_shapes.yaml", "gk"),
-    "gfl": ("gfl_R_18_FPN_2k_shapes.yaml", "gfl_R_18_half_FPN_1k_shapes.yaml",
-            "ld_gfl_R_18_half_FPN_1k_shapes.yaml", "ld"),
+# pair (teacher and student alone: SHAPES_PAIRS) -> the distilled student's config and method
+DISTILLED = {
+    "faster_rcnn": ("gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml", "gk"),
+    "retinanet": ("gk_retinanet_R_18_half_FPN_1k_shapes.yaml", "gk"),
+    "gfl": ("ld_gfl_R_18_half_FPN_1k_shapes.yaml", "ld"),
 }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", choices=sorted(PAIRS), default="faster_rcnn")
+    parser.add_argument("--pair", choices=sorted(DISTILLED), default="faster_rcnn")
     parser.add_argument("--output-dir", default=None,
                         help="default output/demo (faster_rcnn), output/demo_<pair> otherwise")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.output_dir is None:
         args.output_dir = os.path.join(REPO, "output", "demo" if args.pair == "faster_rcnn" else f"demo_{args.pair}")
-    *configs, method = PAIRS[args.pair]
-    teacher_config, student_config, distilled_config = (os.path.join(CONFIGS, f) for f in configs)
+    distilled_file, method = DISTILLED[args.pair]
+    teacher_config, student_config, distilled_config = (
+        os.path.join(CONFIGS, f) for f in (*SHAPES_PAIRS[args.pair], distilled_file))
     distilled_title = f"distilled ({method.upper()})"
     setup_logger(name="detectron2")
     setup_logger(name="d2kd")

@@ -376,7 +376,7 @@ class PrototypeRefreshHook(HookBase):
         self.max_images = node.MAX_IMAGES
         self.min_size = node.MIN_SIZE
         self.alpha = node.ALPHA
-        self.cache_bytes = int(node.get("CACHE_BYTES", DEFAULT_CACHE_BYTES))
+        self.cache_bytes = int(node.CACHE_BYTES)
         self._teacher_cache: TeacherFeatureCache = {}
         self._teacher_cache_key = None
         self.batch_size = max(1, cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())

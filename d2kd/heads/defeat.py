@@ -1,7 +1,6 @@
 """DeFeat: decoupled foreground / background distillation (docs/METHODS.md section 5)."""
 from typing import Dict
 
-import torch
 from torch import Tensor
 
 from .adapters import StrideAdapters
@@ -61,7 +60,7 @@ class DeFeatHead(DistillHead):
     def forward(self, ctx) -> Dict[str, Tensor]:
         decay = self.decay_factor(ctx)
         instances = step_instances(ctx, "gt")
-        loss_fg = ctx.student_features[self.strides[0]].new_zeros((), dtype=torch.float32)
+        loss_fg = ctx.zero_loss()
         loss_bg = loss_fg
         for s in self.strides:
             student, teacher = crop_to_common(self.adapters(s, ctx.student_features[s]), ctx.teacher_features[s])

@@ -104,12 +104,12 @@ class FGFIHead(DistillHead):
     def forward(self, ctx) -> Dict[str, Tensor]:
         if ctx.iteration < self.start_iter:
             # a zero term over the adapter keeps it in the graph (DDP) without running the teacher
-            zero = ctx.student_features[self.strides[0]].new_zeros((), dtype=torch.float32)
+            zero = ctx.zero_loss()
             return {self.loss_key(): sum((p.sum() for p in self.adapters.parameters()), zero) * 0.0}
         sizes = {s: tuple(ctx.student_features[s].shape[-2:]) for s in self.strides}
         gt_boxes = [g.gt_boxes.tensor for g in ctx.gt_instances]
         masks = imitation_masks(ctx.anchors, gt_boxes, sizes, self.threshold, self.max_iou_over)
-        total = ctx.student_features[self.strides[0]].new_zeros((), dtype=torch.float32)
+        total = ctx.zero_loss()
         for s in self.strides:
             student, teacher = crop_to_common(self.adapters(s, ctx.student_features[s]), ctx.teacher_features[s])
             mask = masks[s][:, : student.shape[-2], : student.shape[-1]].float()

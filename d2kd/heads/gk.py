@@ -76,7 +76,7 @@ class GKHead(DistillHead):
     def forward(self, ctx) -> Dict[str, Tensor]:
         decay = self.decay_factor(ctx)
         instances = step_instances(ctx, self.instances)
-        zero = ctx.student_features[self.strides[0]].new_zeros((), dtype=torch.float32)
+        zero = ctx.zero_loss()
         loss_fg, loss_bg = zero, zero
         for s in self.strides:
             student, teacher = crop_to_common(self.adapters(s, ctx.student_features[s]), ctx.teacher_features[s])

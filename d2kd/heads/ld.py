@@ -6,7 +6,7 @@ from detectron2.structures import Boxes, pairwise_iou
 from torch import Tensor
 
 from ..structures import STUDENT, TEACHER
-from ..structures.atss import atss_thresholds
+from ..structures.atss import atss_thresholds, box_centres
 from .base import DistillHead
 from .functional import kl_per_row
 from .registry import DISTILL_HEAD_REGISTRY
@@ -28,13 +28,12 @@ def edge_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     return kl.reshape(-1, 4)
 
 
-def pairwise_diou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
+def pairwise_diou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6, iou: Tensor = None) -> Tensor:
     """Distance-IoU: ``IoU - rho^2 / c^2`` (rho: distance of the centres, c: diagonal of the
     smallest enclosing box) of every (R, 4) box with every (G, 4) box -> (R, G)."""
-    iou = pairwise_iou(Boxes(boxes1), Boxes(boxes2))
-    c1 = (boxes1[:, None, :2] + boxes1[:, None, 2:]) / 2
-    c2 = (boxes2[None, :, :2] + boxes2[None, :, 2:]) / 2
-    rho2 = ((c1 - c2) ** 2).sum(-1)
+    if iou is None:  # callers that hold the (R, G) IoUs already pass them
+        iou = pairwise_iou(Boxes(boxes1), Boxes(boxes2))
+    rho2 = ((box_centres(boxes1)[:, None] - box_centres(boxes2)[None]) ** 2).sum(-1)
     lt = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
     rb = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
     diag2 = ((rb - lt).clamp(min=0) ** 2).sum(-1).clamp(min=eps)
@@ -63,7 +62,7 @@ def vlr_weights(level_anchors: List[Tensor], gt_boxes: Tensor, iou: Tensor = Non
     if iou is None:
         iou = pairwise_iou(Boxes(anchors), Boxes(gt_boxes))
     _, thr = atss_thresholds(level_anchors, gt_boxes, iou, topk)
-    diou = pairwise_diou(anchors, gt_boxes)
+    diou = pairwise_diou(anchors, gt_boxes, iou=iou)
     band = (diou >= lower * thr[None, :]) & (diou < thr[None, :])
     return torch.where(band, iou, torch.zeros_like(iou)).max(dim=1).values
 

@@ -1,7 +1,6 @@
 """PKD: feature imitation with Pearson correlation (docs/METHODS.md section 2)."""
 from typing import Dict
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -65,7 +64,7 @@ class PKDHead(DistillHead):
         self.adapters = StrideAdapters(self.strides, student_shapes, teacher_shapes, "auto", 1, relu=False)
 
     def forward(self, ctx) -> Dict[str, Tensor]:
-        total = ctx.student_features[self.strides[0]].new_zeros((), dtype=torch.float32)
+        total = ctx.zero_loss()
         for s in self.strides:
             total = total + pkd_loss(self.adapters(s, ctx.student_features[s]), ctx.teacher_features[s])
         return {self.loss_key(): total * (self.weight * self.decay_factor(ctx))}

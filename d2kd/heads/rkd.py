@@ -112,7 +112,7 @@ class RKDHead(DistillHead):
     def forward(self, ctx) -> Dict[str, Tensor]:
         decay = self.decay_factor(ctx)
         instances = step_instances(ctx, "gt")
-        zero = ctx.student_features[self.strides[0]].new_zeros((), dtype=torch.float32)
+        zero = ctx.zero_loss()
         if self.global_relations:
             loss = global_relation_loss(ctx, instances, self.strides)
             return {self.loss_key("global"): loss * (self.global_weight * decay)}

@@ -147,7 +147,7 @@ def global_relation_loss(ctx, instances: StepInstances, strides) -> Tensor:
     ``w * S_s`` and ``w * S_t``, the rows of cosines of the instances assigned there to all
     valid prototypes in each space, ``w`` their robust weights; summed over strides. 0 (in
     the graph) before the prototype bank's first build."""
-    total = ctx.student_features[strides[0]].new_zeros((), dtype=torch.float32)
+    total = ctx.zero_loss()
     for s in strides:
         if s not in instances.features:
             continue

@@ -41,7 +41,7 @@ from detectron2.utils.events import get_event_storage
 from fvcore.nn import giou_loss
 from torch import Tensor, nn
 
-from ..structures.atss import atss_thresholds, box_centres as anchor_centres
+from ..structures.atss import atss_thresholds, box_centres
 from .kinds import DENSE, KINDS, DetectorKind
 
 __all__ = [
@@ -90,7 +90,7 @@ class DistanceBoxTransform:
     """
 
     def apply_deltas(self, distances: Tensor, anchors: Tensor) -> Tensor:
-        return distance_to_boxes(anchor_centres(anchors), distances.to(anchors.dtype))
+        return distance_to_boxes(box_centres(anchors), distances.to(anchors.dtype))
 
 
 # ---- losses ----
@@ -161,7 +161,7 @@ def atss_assign(level_anchors: List[Tensor], gt_boxes: Tensor, topk: int = 9) ->
     iou = pairwise_iou(Boxes(anchors), Boxes(gt_boxes))  # (R, G)
     cand, thr = atss_thresholds(level_anchors, gt_boxes, iou, topk)
     cand_iou = iou.gather(0, cand)
-    centres = anchor_centres(anchors)[cand]  # (K, G, 2)
+    centres = box_centres(anchors)[cand]  # (K, G, 2)
     margins = torch.stack([
         centres[..., 0] - gt_boxes[:, 0], centres[..., 1] - gt_boxes[:, 1],
         gt_boxes[:, 2] - centres[..., 0], gt_boxes[:, 3] - centres[..., 1],
@@ -414,7 +414,7 @@ class GFL(DenseDetector):
         gt_boxes = cat([g.gt_boxes.tensor for g in gt_instances], dim=0)
         stride = strides[r_idx][:, None]
         # in stride units, as GFL (IoU and GIoU do not depend on the unit; DFL does)
-        centres = anchor_centres(all_anchors[r_idx]) / stride
+        centres = box_centres(all_anchors[r_idx]) / stride
         target = gt_boxes[offsets[n_idx] + assigned[n_idx, r_idx]].float() / stride
         pos_box = box[n_idx, r_idx]  # (P, 4(n+1))
         pred = distance_to_boxes(centres, distribution_to_distance(pos_box, self.reg_max))

@@ -333,3 +333,7 @@ class DistillContext:
     @property
     def device(self) -> torch.device:
         return self._outputs.device
+
+    def zero_loss(self) -> Tensor:
+        """A float32 scalar 0 on the student's device: where a head starts a sum of loss terms."""
+        return torch.zeros((), dtype=torch.float32, device=self.device)

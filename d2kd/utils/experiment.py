@@ -20,6 +20,15 @@ logger = logging.getLogger("d2kd")
 
 RESULTS_FILE = "final_results.json"
 
+# The built-in data's teacher/student pairs (file names under configs/shapes/), shared by
+# tools/demo.py and benchmarks/bench_shapes_seeds.py. One-stage teachers train 2000
+# iterations (they converge more slowly from scratch); every student trains 1000.
+SHAPES_PAIRS: Dict[str, Tuple[str, str]] = {
+    "faster_rcnn": ("faster_rcnn_R_18_FPN_1k_shapes.yaml", "faster_rcnn_R_18_half_FPN_1k_shapes.yaml"),
+    "retinanet": ("retinanet_R_18_FPN_2k_shapes.yaml", "retinanet_R_18_half_FPN_1k_shapes.yaml"),
+    "gfl": ("gfl_R_18_FPN_2k_shapes.yaml", "gfl_R_18_half_FPN_1k_shapes.yaml"),
+}
+
 
 def stage_results(output_dir: str):
     """The saved results of a finished stage, or None."""
