@@ -65,3 +65,27 @@ def test_coco_gk_config_is_the_documented_one():
     assert (gk.INSTANCES, gk.RESPONSE_ROIS, gk.ADAPTER_KERNEL) == ("auto", "positive", 3)
     assert cfg.DISTILL.PROTOTYPES.NUM == 10 and cfg.DISTILL.PROTOTYPES.ALPHA == 10.0
     assert (cfg.DISTILL.PROTOTYPES.MAX_IMAGES, cfg.DISTILL.PROTOTYPES.MIN_SIZE) == (800, 30)
+
+
+def test_the_demo_pairs_name_shipped_configs_and_their_distilled_students_the_pair_teacher():
+    """tools/demo.py and benchmarks/bench_shapes_seeds.py read SHAPES_PAIRS: a renamed or
+    retrained config must stay consistent with what they run."""
+    import importlib.util
+
+    from d2kd.utils.experiment import SHAPES_PAIRS
+
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "tools", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    shapes = os.path.join(REPO, "configs", "shapes")
+    assert set(demo.DISTILLED) == set(SHAPES_PAIRS)
+    for pair, (teacher, student) in SHAPES_PAIRS.items():
+        teacher_cfg, student_cfg = (load_config(os.path.join(shapes, f)) for f in (teacher, student))
+        assert not is_distill_meta_arch(teacher_cfg.MODEL.META_ARCHITECTURE)
+        assert not is_distill_meta_arch(student_cfg.MODEL.META_ARCHITECTURE)
+        assert teacher_cfg.SOLVER.MAX_ITER >= student_cfg.SOLVER.MAX_ITER == 1000
+        distilled = load_config(os.path.join(shapes, demo.DISTILLED[pair][0]))
+        assert os.path.basename(distilled.DISTILL.TEACHER.CONFIG_FILE) == teacher
+        assert distilled.DISTILL.HEADS[0] == demo.DISTILLED[pair][1]
+        assert distilled.SOLVER.MAX_ITER == student_cfg.SOLVER.MAX_ITER
+        assert distilled.MODEL.BACKBONE.NAME == student_cfg.MODEL.BACKBONE.NAME

@@ -174,3 +174,22 @@ def test_a_deep_copied_model_records_into_its_own_recorder(tmp_path, student):
         with EventStorage(0):
             twin(random_batch())
     assert not values
+
+
+def test_gk_from_a_faster_rcnn_teacher_to_a_retinanet_student(tmp_path, storage):
+    """The heterogeneous pair of configs/shapes/gk_retinanet_…_fasterteacher_shapes.yaml: GK's
+    feature and global terms by stride; the response term cannot pair RoI and anchor logits."""
+    cfg = distill_cfg(tmp_path, "retinanet", "rcnn", heads=["gk"])
+    cfg.DISTILL.GK.RESPONSE_WEIGHT = 0.0
+    model = build_model(cfg)
+    assert model.distill_heads["gk"].strides == [8, 16, 32, 64]
+    model.train()
+    losses = model(random_batch())
+    assert {"loss_distill_gk_global", "loss_distill_gk_fg", "loss_distill_gk_bg"} <= set(losses)
+    assert "loss_distill_gk_response" not in losses
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_distill_gk_bg"].item() > 0
+
+    cfg.DISTILL.GK.RESPONSE_WEIGHT = 5.0
+    with pytest.raises(ValueError, match=r"head 'gk'.*set DISTILL\.GK\.RESPONSE_WEIGHT 0 \(now 5\)"):
+        build_model(cfg)

@@ -20,6 +20,9 @@ class DistillHead(nn.Module):
     """
 
     requires: FrozenSet[str] = frozenset({"student.features", "teacher.features"})
+    # Said after the build-time error when the pair cannot supply a requirement: the head's own
+    # way out (e.g. GK: turn off the term that needs it), if it has one.
+    requirement_hint: str = ""
 
     def __init__(self, cfg, student_shapes: Dict[int, ShapeSpec], teacher_shapes: Dict[int, ShapeSpec]):
         super().__init__()

@@ -71,6 +71,10 @@ class GKHead(DistillHead):
             # The response term compares the two models' class predictions; a heterogeneous
             # pair can still use GK with DISTILL.GK.RESPONSE_WEIGHT 0.
             requires |= class_logit_requirements(self.two_stage)
+            self.requirement_hint = (
+                "set DISTILL.GK.RESPONSE_WEIGHT 0 (now "
+                f"{self.response_weight:g}): GK's feature and global terms need features alone"
+            )
         self.requires = frozenset(requires)
 
     def forward(self, ctx) -> Dict[str, Tensor]:

@@ -48,18 +48,23 @@ def check_requirements(heads: Dict[str, nn.Module], student: nn.Module, student_
                         f"distillation head '{name}' requires '{key}' ({REQUIREMENTS[key]}), but "
                         f"the {side} {type(model).__name__} is {kind.describe}, which has no "
                         f"'{capability}'. Use a head this pair supports (e.g. fitnet or pkd for "
-                        f"any pair), or {fix}"
+                        f"any pair), or {fix}{_hint(head)}"
                     )
             elif key == "paired_anchors":
-                _check_same_anchors(name, student, student_kind, teacher, teacher_kind)
+                _check_same_anchors(name, head, student, student_kind, teacher, teacher_kind)
 
 
-def _check_same_anchors(head_name: str, student, student_kind, teacher, teacher_kind) -> None:
+def _hint(head) -> str:
+    hint = getattr(head, "requirement_hint", "")
+    return f"; or {hint}" if hint else ""
+
+
+def _check_same_anchors(head_name: str, head, student, student_kind, teacher, teacher_kind) -> None:
     if student_kind is not teacher_kind:
         raise ValueError(
             f"distillation head '{head_name}' pairs student and teacher anchors one to one, so "
             f"both must be of one kind; the student is {student_kind.describe}, the teacher "
-            f"{teacher_kind.describe}. Use a feature head (e.g. fitnet) for this pair"
+            f"{teacher_kind.describe}. Use a feature head (e.g. fitnet) for this pair{_hint(head)}"
         )
     s_gen, t_gen = student_kind.anchor_generator(student), teacher_kind.anchor_generator(teacher)
     same = list(s_gen.strides) == list(t_gen.strides) and all(
