@@ -11,6 +11,11 @@ the GFL pair with LD)::
 
     python benchmarks/bench_shapes_seeds.py --pair one_stage --seeds 0 1 2 --output-dir output/one_stage
 
+The RM + PFI ablation (named methods only: RM alone, PFI alone, both on logits)::
+
+    python benchmarks/bench_shapes_seeds.py --pair retinanet --seeds 0 1 --output-dir output/one_stage/retinanet \
+        --methods rm_pfi rm_only pfi_only rm_pfi_logits
+
 Each pair's teacher (seed 0) is trained once and shared, as a released teacher would be; a
 method whose teacher is another pair's (``gk_from_faster``) uses that pair's teacher, trained
 once under ``<output-dir>/<pair>/teacher_seed0``. The student alone and each distilled
@@ -21,7 +26,7 @@ Stages are reused from --output-dir (default output/bench_shapes), so an interru
 import argparse
 import os
 import statistics
-from typing import Dict, NamedTuple, Tuple
+from typing import Dict, NamedTuple, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,24 +42,36 @@ def _config(name: str) -> str:
     return os.path.join(CONFIGS, name)
 
 
+class Method(NamedTuple):
+    """A distilled student: its config, the pair whose teacher it uses, and extra options."""
+
+    config: str
+    teacher_pair: str
+    opts: Tuple[str, ...] = ()
+
+
 class Pair(NamedTuple):
-    """A teacher/student pair and its methods: name -> (config, the pair whose teacher it uses)."""
+    """A teacher/student pair, its methods (name -> Method) and those run when none are named."""
 
     teacher: str
     student: str
-    methods: Dict[str, Tuple[str, str]]
+    methods: Dict[str, Method]
+    default_methods: Tuple[str, ...]
 
 
-def _pair(name: str, methods: Dict[str, Tuple[str, str]]) -> Pair:
+def _pair(name: str, methods: Dict[str, Method], default_methods: Sequence[str] = None) -> Pair:
     teacher, student = SHAPES_PAIRS[name]
-    return Pair(_config(teacher), _config(student), methods)
+    return Pair(_config(teacher), _config(student), methods, tuple(default_methods or methods))
+
+
+RM_PFI = _config("rank_mimic_retinanet_R_18_half_FPN_1k_withpfi_shapes.yaml")
 
 
 PAIRS = {
     "faster_rcnn": _pair(
         "faster_rcnn",
         {
-            name: (_config(f"{file}_faster_rcnn_R_18_half_FPN_1k{variant}_shapes.yaml"), "faster_rcnn")
+            name: Method(_config(f"{file}_faster_rcnn_R_18_half_FPN_1k{variant}_shapes.yaml"), "faster_rcnn")
             for name, file, variant in [
                 ("gk", "gk", ""), ("fitnet", "fitnet", ""), ("kd", "kd", ""), ("pkd", "pkd", ""),
                 ("fgfi", "fgfi", ""), ("defeat", "defeat", ""), ("defeat_rw", "defeat", "_rw"),
@@ -62,26 +79,32 @@ PAIRS = {
                 ("gk_pkd", "gk", "_withpkd"),
             ]
         },
+        default_methods=("gk", "fitnet", "kd"),
     ),
-    # RetinaNet R-18 -> R-18 half width, levels p2-p6; gk_from_faster: the Faster R-CNN teacher
+    # RetinaNet R-18 -> R-18 half width, levels p2-p6; gk_from_faster: the Faster R-CNN teacher.
+    # rm_only / pfi_only / rm_pfi_logits: the RM + PFI ablation, run only when named
     "retinanet": _pair(
         "retinanet",
         {
-            "gk": (_config("gk_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet"),
-            "fitnet": (_config("fitnet_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet"),
-            "rm_pfi": (_config("rank_mimic_retinanet_R_18_half_FPN_1k_withpfi_shapes.yaml"), "retinanet"),
-            "gk_from_faster": (_config("gk_retinanet_R_18_half_FPN_1k_fasterteacher_shapes.yaml"), "faster_rcnn"),
+            "gk": Method(_config("gk_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet"),
+            "fitnet": Method(_config("fitnet_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet"),
+            "rm_pfi": Method(RM_PFI, "retinanet"),
+            "gk_from_faster": Method(_config("gk_retinanet_R_18_half_FPN_1k_fasterteacher_shapes.yaml"), "faster_rcnn"),
+            "rm_only": Method(RM_PFI, "retinanet", ("DISTILL.HEADS", '["rank_mimic"]')),
+            "pfi_only": Method(RM_PFI, "retinanet", ("DISTILL.HEADS", '["pfi"]')),
+            "rm_pfi_logits": Method(RM_PFI, "retinanet",
+                                    ("DISTILL.RANK_MIMIC.SCORES", "logits", "DISTILL.PFI.SCORES", "logits")),
         },
+        default_methods=("gk", "fitnet", "rm_pfi", "gk_from_faster"),
     ),
     # GFL R-18 -> R-18 half width (distribution box branch): LD
     "gfl": _pair(
         "gfl",
-        {"ld": (_config("ld_gfl_R_18_half_FPN_1k_shapes.yaml"), "gfl")},
+        {"ld": Method(_config("ld_gfl_R_18_half_FPN_1k_shapes.yaml"), "gfl")},
     ),
 }
 # --pair one_stage: every one-stage student in one table
 GROUPS = {"one_stage": ("retinanet", "gfl")}
-DEFAULT_METHODS = {"faster_rcnn": ["gk", "fitnet", "kd"]}
 
 
 def mean_std(values):
@@ -94,13 +117,14 @@ def main():
     parser.add_argument("--pair", choices=sorted(PAIRS) + sorted(GROUPS), default="faster_rcnn")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="methods of the chosen pair(s) (default: gk fitnet kd for faster_rcnn, "
-                             "every method of a one-stage pair)")
+                             "the table's methods of a one-stage pair; the RM + PFI ablation "
+                             "rm_only pfi_only rm_pfi_logits only when named)")
     parser.add_argument("--output-dir", default=os.path.join(REPO, "output", "bench_shapes"))
     args = parser.parse_args()
 
     pairs = GROUPS.get(args.pair, (args.pair,))
     offered = {m: p for p in pairs for m in PAIRS[p].methods}
-    methods = args.methods or [m for p in pairs for m in DEFAULT_METHODS.get(p, PAIRS[p].methods)]
+    methods = args.methods or [m for p in pairs for m in PAIRS[p].default_methods]
     unknown = [m for m in methods if m not in offered]
     if unknown:
         parser.error(f"methods {unknown} have no config for --pair {args.pair}; choose from {sorted(offered)}")
@@ -112,7 +136,7 @@ def main():
     out = args.output_dir
     # one pair alone keeps the flat layout (<out>/teacher_seed0, ...); a group nests per pair
     pair_dir = {p: out if len(pairs) == 1 else os.path.join(out, p) for p in PAIRS}
-    teacher_pairs = list(dict.fromkeys([*pairs, *(PAIRS[offered[m]].methods[m][1] for m in methods)]))
+    teacher_pairs = list(dict.fromkeys([*pairs, *(PAIRS[offered[m]].methods[m].teacher_pair for m in methods)]))
     for p in teacher_pairs:
         if p not in pairs:  # another pair's teacher, kept apart from this pair's stages
             pair_dir[p] = os.path.join(out, f"{p}_teacher")
@@ -133,10 +157,10 @@ def main():
     for s in args.seeds:
         for m in methods:
             p = offered[m]
-            config, teacher_pair = PAIRS[p].methods[m]
-            weights = os.path.join(teacher_dirs[teacher_pair], "model_final.pth")
-            stages.append((m, config, os.path.join(pair_dir[p], f"{m}_seed{s}"),
-                           ["SEED", str(s), "DISTILL.TEACHER.WEIGHTS", weights]))
+            method = PAIRS[p].methods[m]
+            weights = os.path.join(teacher_dirs[method.teacher_pair], "model_final.pth")
+            stages.append((m, method.config, os.path.join(pair_dir[p], f"{m}_seed{s}"),
+                           ["SEED", str(s), "DISTILL.TEACHER.WEIGHTS", weights, *method.opts]))
             keys.append((p, m))
     results = run_stages(stages)
     ap = {}
@@ -156,7 +180,7 @@ def main():
             values = ap[(p, m)]
             mean, std = mean_std(values)
             g, gsd = mean_std([v - b for v, b in zip(values, student_ap)])
-            teacher_pair = PAIRS[p].methods[m][1]
+            teacher_pair = PAIRS[p].methods[m].teacher_pair
             note = "" if teacher_pair == p else f" (AP {teachers[teacher_pair]['AP']:.2f})"
             print(f"| {p} | {m} | {teacher_pair}{note} | {mean:.2f} ± {std:.2f} | "
                   f"{', '.join(f'{v:.2f}' for v in values)} | {g:+.2f} ± {gsd:.2f} |")

@@ -89,3 +89,30 @@ def test_the_demo_pairs_name_shipped_configs_and_their_distilled_students_the_pa
         assert distilled.DISTILL.HEADS[0] == demo.DISTILLED[pair][1]
         assert distilled.SOLVER.MAX_ITER == student_cfg.SOLVER.MAX_ITER
         assert distilled.MODEL.BACKBONE.NAME == student_cfg.MODEL.BACKBONE.NAME
+
+
+def test_every_benchmark_method_loads_with_its_options_and_names_its_teacher_pairs_teacher():
+    """benchmarks/bench_shapes_seeds.py: each method's config + extra options merge (a
+    misspelt key fails here, not an hour into a benchmark), its heads are registered, and its
+    teacher config is the one of the pair whose teacher weights it is given."""
+    import importlib.util
+
+    from d2kd.heads.registry import available_heads
+    from d2kd.utils.experiment import SHAPES_PAIRS
+
+    path = os.path.join(REPO, "benchmarks", "bench_shapes_seeds.py")
+    spec = importlib.util.spec_from_file_location("bench_shapes_seeds", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    registered = available_heads()
+    for pair in bench.PAIRS.values():
+        assert set(pair.default_methods) <= set(pair.methods)
+        for name, method in pair.methods.items():
+            cfg = load_config(method.config, method.opts)
+            assert cfg.DISTILL.HEADS and all(h.lower() in registered for h in cfg.DISTILL.HEADS), name
+            teacher = SHAPES_PAIRS[method.teacher_pair][0]
+            assert os.path.basename(cfg.DISTILL.TEACHER.CONFIG_FILE) == teacher, name
+    ablation = bench.PAIRS["retinanet"].methods
+    assert load_config(ablation["rm_only"].config, ablation["rm_only"].opts).DISTILL.HEADS == ["rank_mimic"]
+    logits = load_config(ablation["rm_pfi_logits"].config, ablation["rm_pfi_logits"].opts)
+    assert (logits.DISTILL.RANK_MIMIC.SCORES, logits.DISTILL.PFI.SCORES) == ("logits", "logits")
