@@ -334,7 +334,7 @@ def test_a_missing_image_during_a_refresh_names_the_file_and_the_dataset(tmp_pat
         missing = hook._dataset[first]["file_name"]
         os.remove(missing)
         with pytest.raises(FileNotFoundError) as err:
-            next(hook._batches())
+            next(hook._batches(hook.images()))
         assert missing in str(err.value) and name in str(err.value)
     finally:
         DatasetCatalog.remove(name)

@@ -244,15 +244,16 @@ def assign_selections(features: InstanceFeatureSets, world_size: int) -> List[Li
 
 def select_share(features: InstanceFeatureSets, share: List[Tuple[int, int]], num_prototypes: int,
                  alpha: float, device=None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 total: int = 0) -> Dict[Tuple[int, int], Tensor]:
-    """Run PGM on the given (stride, class) selections: {(stride, class): chosen indices (CPU)}."""
+                 progress: bool = False) -> Dict[Tuple[int, int], Tensor]:
+    """Run PGM on the given (stride, class) selections: {(stride, class): chosen indices (CPU)}.
+    ``progress``: log progress lines with ETA (for a long build)."""
     chosen, start = {}, time.perf_counter()
     for i, (s, c) in enumerate(share):
         f_s, f_t, _ = features[s][c]
         if device is not None:
             f_s, f_t = f_s.to(device), f_t.to(device)
         chosen[(s, c)] = select_prototypes(f_s, f_t, num_prototypes, alpha=alpha, cache_bytes=cache_bytes).cpu()
-        if total:
+        if progress:
             _progress(i + 1, len(share), start, "Prototype build: selection", "(class, stride) pairs on this rank")
     return chosen
 
@@ -276,7 +277,7 @@ def rebuild_bank(bank, features: InstanceFeatureSets, alpha: float, device=None,
             check_finite_features(s, c, f_s, f_t, iteration, class_names)
     wanted = {s: per_class for s, per_class in features.items() if s in bank.strides}
     shares = assign_selections(wanted, world_size)
-    chosen = select_share(wanted, shares[rank], bank.num_prototypes, alpha, device, cache_bytes, total=1)
+    chosen = select_share(wanted, shares[rank], bank.num_prototypes, alpha, device, cache_bytes, progress=True)
     if world_size > 1:
         merged = {}
         for part in gather(chosen):
@@ -420,8 +421,8 @@ class PrototypeRefreshHook(HookBase):
                 f"DATASETS.TRAIN {tuple(self._dataset_names)}): {e}"
             ) from e
 
-    def _batches(self):
-        mine = self.images()[comm.get_rank():: comm.get_world_size()]
+    def _batches(self, mine: List[Tuple[int, List[int]]]):
+        """Mapped batches of ``mine`` (this rank's share of :meth:`images`)."""
         for i in range(0, len(mine), self.batch_size):
             yield [
                 dict(self._map(j), d2kd_index=int(j), d2kd_classes=classes)
@@ -438,7 +439,7 @@ class PrototypeRefreshHook(HookBase):
         key = (tuple(j for j, _ in mine), self.batch_size, tuple(bank.strides))
         if key != self._teacher_cache_key:  # other images or batches: the kept features are void
             self._teacher_cache, self._teacher_cache_key = {}, key
-        local = collect_instance_features(model, self._batches(), self.min_size,
+        local = collect_instance_features(model, self._batches(mine), self.min_size,
                                           teacher_cache=self._teacher_cache, total_images=len(mine))
         merged = merge_feature_sets(comm.all_gather(local))
         rebuild_bank(bank, merged, self.alpha, device=model.device, iteration=iteration,

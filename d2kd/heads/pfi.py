@@ -10,7 +10,6 @@ from .functional import SCORE_KINDS, crop_to_common
 from .registry import DISTILL_HEAD_REGISTRY
 
 
-
 def prediction_difference(student_cls: Tensor, teacher_cls: Tensor, sigmoid: bool = True) -> Tensor:
     """PFI's map ``P = mean over channels of (cls_s - cls_t)^2``, detached.
 

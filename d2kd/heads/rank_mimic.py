@@ -10,7 +10,6 @@ from .functional import SCORE_KINDS
 from .registry import DISTILL_HEAD_REGISTRY
 
 
-
 def segment_log_softmax(x: Tensor, segment: Tensor, num_segments: int) -> Tensor:
     """``log_softmax`` of ``x`` within each segment (rows sharing a ``segment`` id).
 

@@ -47,7 +47,6 @@ __all__ = ["select_prototypes", "density", "dense_candidates", "DEFAULT_CACHE_BY
 _CHUNK_ELEMENTS = 1 << 21
 # Default bound on the cached P and Q matrices together (bytes); DISTILL.PROTOTYPES.CACHE_BYTES.
 DEFAULT_CACHE_BYTES = 4 << 30
-_CACHE_BYTES = DEFAULT_CACHE_BYTES
 METHODS = ("auto", "gram", "cached", "streamed")
 
 
@@ -219,7 +218,16 @@ def _coefficients(p: Tensor, q: Tensor, alpha: float):
     return (s + p) / (1.0 + 2.0 * alpha), (s + q) / (1.0 + 2.0 * alpha)
 
 
-class _CachedProducts:
+class _ProductGains:
+    """Gains from the inner products ``P`` and ``Q`` of the candidates with the residuals,
+    a chunk of candidates at a time (``products(lo, hi)`` supplies them)."""
+
+    def gains(self, alpha: float, rows: int) -> Tensor:
+        g = self.ua.shape[0]
+        return torch.cat([_gain(*self.products(s, s + rows), alpha) for s in range(0, g, rows)])
+
+
+class _CachedProducts(_ProductGains):
     """P = U_a R_a^T and Q = U_b R_b^T for every candidate, kept and updated in place:
     removing atom k from every residual is a rank-1 update of P and Q. Memory O(G N)."""
 
@@ -237,7 +245,7 @@ class _CachedProducts:
         self.q.addr_(self.ub @ self.ub.index_select(0, k)[0], wb, alpha=-1.0)
 
 
-class _StreamedResiduals:
+class _StreamedResiduals(_ProductGains):
     """The residuals themselves; P and Q are recomputed per chunk of candidates each step.
     Memory O(N D + chunk N), for N too large to cache G x N products."""
 
@@ -255,41 +263,28 @@ class _StreamedResiduals:
         self.rb.addr_(wb, v, alpha=-1.0)
 
 
-class _GramState:
-    """Gains from the residuals' second moments: ``sum_n p_n^2 = u^T (R_a^T R_a) u``,
-    ``sum_n q_n^2 = v^T (R_b^T R_b) v``, ``sum_n p_n q_n = u^T (R_a^T R_b) v``. Memory
-    O(N D + G D + D^2); per step O((N + G) D^2)."""
+class _GramState(_StreamedResiduals):
+    """The residuals, kept and updated as :class:`_StreamedResiduals`; the gains come from
+    their second moments: ``sum_n p_n^2 = u^T (R_a^T R_a) u``, ``sum_n q_n^2 = v^T (R_b^T R_b) v``,
+    ``sum_n p_n q_n = u^T (R_a^T R_b) v``. Memory O(N D + G D + D^2); per step O((N + G) D^2)."""
 
-    def __init__(self, a: Tensor, b: Tensor, ua: Tensor, ub: Tensor):
-        self.ua, self.ub = ua, ub
-        self.ra, self.rb = a.clone(), b.clone()
-
-    def gains(self, alpha: float) -> Tensor:
+    def gains(self, alpha: float, rows: int) -> Tensor:
         ra, rb, ua, ub = self.ra, self.rb, self.ua, self.ub
         pp = ((ua @ (ra.T @ ra)) * ua).sum(dim=1)
         qq = ((ub @ (rb.T @ rb)) * ub).sum(dim=1)
         pq = ((ua @ (ra.T @ rb)) * ub).sum(dim=1)
         return ((1.0 + alpha) * (pp + qq) + (2.0 * alpha) * pq) / (1.0 + 2.0 * alpha)
 
-    def remove(self, k: Tensor, alpha: float) -> None:
-        _StreamedResiduals.remove(self, k, alpha)
-
 
 def _pursuit(state, num_candidates: int, num_instances: int, steps: int, alpha: float,
              chunk_elements: int, device) -> Tensor:
-    """Matching pursuit over candidate atoms; ``state`` supplies inner products and updates."""
+    """Matching pursuit over candidate atoms; ``state`` supplies the gains and the updates."""
     taken = torch.zeros(num_candidates, dtype=torch.bool, device=device)
     positions = torch.arange(num_candidates, device=device)
     rows = _rows_per_chunk(num_instances, chunk_elements)
     chosen = []
     for _ in range(steps):
-        if isinstance(state, _GramState):
-            gain = state.gains(alpha)
-        else:
-            gain = torch.cat([
-                _gain(*state.products(s, s + rows), alpha) for s in range(0, num_candidates, rows)
-            ])
-        k = _pick(gain, taken, positions)
+        k = _pick(state.gains(alpha, rows), taken, positions)
         state.remove(k, alpha)
         taken.index_fill_(0, k, True)
         chosen.append(k)
@@ -308,7 +303,7 @@ def select_prototypes(
     dtype: torch.dtype = torch.float64,
     gram_dtype: Optional[torch.dtype] = torch.float32,
     chunk_elements: int = _CHUNK_ELEMENTS,
-    cache_bytes: Optional[int] = _CACHE_BYTES,
+    cache_bytes: Optional[int] = DEFAULT_CACHE_BYTES,
     method: str = "auto",
 ) -> Tensor:
     """Choose the prototype instances of one class at one FPN level (GK's PGM).

@@ -2,8 +2,8 @@
 assignment (``d2kd.modeling.gfl``) and LD's valuable localisation region (``d2kd.heads.ld``)."""
 from typing import List, Tuple
 
-from torch import Tensor
 import torch
+from torch import Tensor
 
 
 def box_centres(boxes: Tensor) -> Tensor:
