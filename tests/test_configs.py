@@ -116,3 +116,9 @@ def test_every_benchmark_method_loads_with_its_options_and_names_its_teacher_pai
     assert load_config(ablation["rm_only"].config, ablation["rm_only"].opts).DISTILL.HEADS == ["rank_mimic"]
     logits = load_config(ablation["rm_pfi_logits"].config, ablation["rm_pfi_logits"].opts)
     assert (logits.DISTILL.RANK_MIMIC.SCORES, logits.DISTILL.PFI.SCORES) == ("logits", "logits")
+
+
+def test_the_suite_keeps_only_failed_tests_temporary_directories(pytestconfig):
+    # a passing run writes ~9 GB of tiny checkpoints; kept for 3 runs they once filled CI's disk
+    assert pytestconfig.getini("tmp_path_retention_policy") == "failed"
+    assert int(pytestconfig.getini("tmp_path_retention_count")) <= 1
