@@ -1,6 +1,6 @@
 """Train or evaluate a distilled detector, detectron2-style (the repository's train_net.py).
 
-    python train_net.py --config-file configs/gk_faster_rcnn_R_50_FPN_2x_coco.yaml --num-gpus 8
+    python train_net.py --config-file configs/gk_faster_r50.yaml --num-gpus 8
     python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file <cfg> --resume          # continue from OUTPUT_DIR
     python train_net.py --config-file <cfg> --num-gpus 2 MODEL.DEVICE cpu   # 2 CPU processes

@@ -14,7 +14,9 @@ from d2kd.modeling.teacher import build_teacher_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
-LEAVES = [p for p in CONFIGS if not os.path.basename(p).startswith("Base-")]
+# Short names users know, each only a _BASE_ on a canonical config (test_the_alias_config...).
+ALIASES = {os.path.join(REPO, "configs", "gk_faster_r50.yaml"): "gk_faster_rcnn_R_50_FPN_2x_coco.yaml"}
+LEAVES = [p for p in CONFIGS if not os.path.basename(p).startswith("Base-") and p not in ALIASES]
 NAME = re.compile(r"^([a-z][a-z_]*_)?(faster_rcnn|retinanet|gfl)_R_\d+(_half)?_FPN_\w+_(coco|voc|shapes)\.yaml$")
 
 
@@ -65,6 +67,39 @@ def test_coco_gk_config_is_the_documented_one():
     assert (gk.INSTANCES, gk.RESPONSE_ROIS, gk.ADAPTER_KERNEL) == ("auto", "positive", 3)
     assert cfg.DISTILL.PROTOTYPES.NUM == 10 and cfg.DISTILL.PROTOTYPES.ALPHA == 10.0
     assert (cfg.DISTILL.PROTOTYPES.MAX_IMAGES, cfg.DISTILL.PROTOTYPES.MIN_SIZE) == (800, 30)
+
+
+def test_the_alias_config_is_the_canonical_one_resolves_its_teacher_and_builds(tmp_path):
+    """configs/gk_faster_r50.yaml (the README's headline command) is the COCO GK config under
+    the name users know: the same config, its teacher resolved, the model built with a stand-in
+    (randomly initialised, same architecture) teacher checkpoint."""
+    import torch
+    from detectron2.modeling import build_model
+
+    alias, canonical = next(iter(ALIASES.items()))
+    with open(alias) as f:
+        keys = [l for l in f if l.strip() and not l.lstrip().startswith("#")]
+    assert keys == [f'_BASE_: "{canonical}"\n'], "an alias only names its canonical config"
+    cfg = load_config(alias)
+    assert cfg.dump() == load_config(os.path.join(REPO, "configs", canonical)).dump()
+    cfg.MODEL.DEVICE = "cpu"
+    teacher_cfg = build_teacher_cfg(cfg)
+    assert teacher_cfg.MODEL.RESNETS.DEPTH == 101 and config_classes(teacher_cfg) == config_classes(cfg) == 80
+
+    torch.manual_seed(0)
+    stand_in = str(tmp_path / "teacher_stand_in.pth")
+    torch.save({"model": build_model(teacher_cfg).state_dict()}, stand_in)
+    cfg.DISTILL.TEACHER.WEIGHTS = stand_in
+    model = build_model(cfg)
+    assert type(model).__name__ == "DistillRCNN" and list(model.distill_heads) == ["gk"]
+    assert model.teacher.backbone.bottom_up.stages[2].__len__() == 23  # R-101's res4
+    assert not any(k.startswith("teacher") for k in model.state_dict())
+
+
+def test_the_readme_headline_command_uses_the_alias():
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    assert "python train_net.py --config-file configs/gk_faster_r50.yaml --num-gpus 8" in readme
 
 
 def test_the_demo_pairs_name_shipped_configs_and_their_distilled_students_the_pair_teacher():
