@@ -270,17 +270,55 @@ def resolve_teacher_config_file(name: str, relative_to: str = "") -> str:
     except RuntimeError:
         raise TeacherConfigError(
             f"DISTILL.TEACHER.CONFIG_FILE = '{name}' is neither an existing file nor a "
-            "detectron2 model-zoo config name (e.g. COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml)"
+            "detectron2 model-zoo config name (e.g. COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml). "
+            "A relative path written in a yaml is looked up beside that yaml (at any depth of "
+            f"_BASE_); one given on the command line, in the working directory {os.getcwd()}"
         ) from None
+
+
+def _teacher_config_writer(filename: str):
+    """The ``DISTILL.TEACHER.CONFIG_FILE`` value that wins in ``filename`` and its ``_BASE_``
+    chain, with the directory of the yaml that wrote it: ``(value, directory)``, or None.
+
+    Follows fvcore's ``load_yaml_with_base``: a file's own keys override its bases', a list of
+    bases is merged in order (a later base overrides an earlier one), and a relative
+    ``_BASE_`` is relative to the file that names it.
+    """
+    import os
+
+    import yaml
+    from detectron2.config import CfgNode
+
+    with CfgNode._open_cfg(filename) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.constructor.ConstructorError:  # python tags: merge_from_file loads it unsafe too
+            f.seek(0)
+            data = yaml.unsafe_load(f)
+    data = data or {}
+    teacher = (data.get("DISTILL") or {}).get("TEACHER") or {}
+    if "CONFIG_FILE" in teacher:
+        return teacher["CONFIG_FILE"], os.path.dirname(os.path.abspath(filename))
+    bases = data.get("_BASE_", [])
+    for base in reversed(bases if isinstance(bases, list) else [bases]):
+        base = os.path.expanduser(base)
+        if not base.startswith(("/", "https://", "http://")):
+            base = os.path.join(os.path.dirname(filename), base)
+        found = _teacher_config_writer(base)
+        if found is not None:
+            return found
+    return None
 
 
 def load_config(config_file: str, opts=()):
     """``get_cfg()`` + ``DISTILL`` + the yaml + KEY VALUE overrides, as train_net.py does.
 
-    A relative ``DISTILL.TEACHER.CONFIG_FILE`` written in a yaml is resolved against that
-    yaml's directory (like detectron2's ``_BASE_``), so configs work from any working
-    directory; one given in ``opts`` is taken as the user typed it. Model-zoo names are kept
-    as names (resolved when the teacher is built).
+    A relative ``DISTILL.TEACHER.CONFIG_FILE`` written in a yaml is resolved against the
+    directory of the yaml that wrote it, at any depth of ``_BASE_`` inheritance (as detectron2
+    resolves ``_BASE_``; a file that overrides an inherited value wins, and its own directory
+    counts), so configs work from any working directory and can be inherited from anywhere.
+    One given in ``opts`` is taken as the user typed it. Model-zoo names are kept as names
+    (resolved when the teacher is built).
     """
     import os
 
@@ -291,8 +329,10 @@ def load_config(config_file: str, opts=()):
     cfg.merge_from_file(config_file)
     teacher = cfg.DISTILL.TEACHER.CONFIG_FILE
     if teacher and not os.path.isabs(teacher):
-        beside = os.path.join(os.path.dirname(os.path.abspath(config_file)), teacher)
-        if os.path.isfile(beside):
-            cfg.DISTILL.TEACHER.CONFIG_FILE = resolve_teacher_config_file(beside)
+        writer = _teacher_config_writer(config_file)
+        if writer is not None and writer[0] == teacher:
+            beside = os.path.join(writer[1], teacher)
+            if os.path.isfile(beside):
+                cfg.DISTILL.TEACHER.CONFIG_FILE = resolve_teacher_config_file(beside)
     cfg.merge_from_list(list(opts))
     return cfg
