@@ -56,7 +56,7 @@ def main():
         "OUTPUT_DIR", os.path.join(tmp, "out"), "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()"])
     trainer = DistillTrainer(cfg)
     hook = next(h for h in trainer._hooks if isinstance(h, PrototypeRefreshHook))
-    period = cfg.DISTILL.PROTOTYPES.PERIOD
+    period = hook.period  # in iterations, whichever DISTILL.PROTOTYPES keys gave it
 
     with EventStorage(0) as storage:
         trainer.storage = storage

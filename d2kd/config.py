@@ -65,6 +65,11 @@ def add_distill_config(cfg):
     # Iteration of the first build, and rebuild period in iterations (0: never rebuild).
     _C.DISTILL.PROTOTYPES.START_ITER = 0
     _C.DISTILL.PROTOTYPES.PERIOD = 0
+    # The same in epochs of DATASETS.TRAIN (its images after detectron2's filtering over
+    # SOLVER.IMS_PER_BATCH, rounded up to whole iterations; the paper refreshes every epoch).
+    # When > 0 each replaces its iteration key above (0: use START_ITER / PERIOD).
+    _C.DISTILL.PROTOTYPES.START_EPOCHS = 0.0
+    _C.DISTILL.PROTOTYPES.PERIOD_EPOCHS = 0.0
     # Images sampled per class (each holds the class), fixed for the whole run; boxes whose
     # width and height exceed MIN_SIZE original-image pixels are used (the authors: 800, 30).
     _C.DISTILL.PROTOTYPES.MAX_IMAGES = 800

@@ -107,7 +107,7 @@ def main(argv=None):
     AtomicDetectionCheckpointer(model).load(args.weights)
     if not model.prototype_bank.is_built:
         sys.exit(f"visualize_prototypes: {args.weights} holds no built prototypes (trained before "
-                 "DISTILL.PROTOTYPES.START_ITER?)")
+                 "DISTILL.PROTOTYPES.START_ITER / START_EPOCHS?)")
     model.eval()
     os.makedirs(args.output_dir, exist_ok=True)
     classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes") or [str(i) for i in range(model.prototype_bank.num_classes)]

@@ -2,7 +2,7 @@
 import logging
 import time
 from collections import defaultdict
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from detectron2.utils.logger import log_every_n_seconds
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from ..data.epochs import epochs_to_iterations, iterations_per_epoch, training_dataset
 from ..structures import by_stride
 from ..prototypes.instance_features import instance_features
 from ..prototypes.selection import DEFAULT_CACHE_BYTES, select_prototypes
@@ -155,6 +156,19 @@ def prototype_source_dataset(names) -> List[dict]:
     return get_detection_dataset_dicts(names, filter_empty=True)
 
 
+def usable_instances(record: dict, min_size: float) -> List[int]:
+    """The class of every box of a dataset record that prototypes can be built from: not a
+    crowd, wider and higher than ``min_size`` original-image pixels (one entry per box)."""
+    classes = []
+    for ann in record.get("annotations", []):
+        if ann.get("iscrowd", 0):
+            continue
+        x0, y0, x1, y1 = BoxMode.convert(list(ann["bbox"]), ann["bbox_mode"], BoxMode.XYXY_ABS)
+        if x1 - x0 > min_size and y1 - y0 > min_size:
+            classes.append(int(ann["category_id"]))
+    return classes
+
+
 def per_class_image_subsets(dataset: List[dict], max_images: int, min_size: float, seed: int) -> Dict[int, np.ndarray]:
     """The images each class builds its prototypes from, as the GK authors choose them.
 
@@ -168,14 +182,7 @@ def per_class_image_subsets(dataset: List[dict], max_images: int, min_size: floa
     """
     holders: Dict[int, List[int]] = defaultdict(list)
     for i, record in enumerate(dataset):
-        found = set()
-        for ann in record.get("annotations", []):
-            if ann.get("iscrowd", 0):
-                continue
-            x0, y0, x1, y1 = BoxMode.convert(list(ann["bbox"]), ann["bbox_mode"], BoxMode.XYXY_ABS)
-            if x1 - x0 > min_size and y1 - y0 > min_size:
-                found.add(int(ann["category_id"]))
-        for c in found:
+        for c in set(usable_instances(record, min_size)):
             holders[c].append(i)
     subsets = {}
     for c in sorted(holders):
@@ -354,9 +361,76 @@ def _thing_classes(dataset_names):
     return None
 
 
+class PrototypeSchedule(NamedTuple):
+    """When the prototype bank is built: see :func:`prototype_schedule`."""
+    start_iter: int
+    period: int
+    builds: int  # builds in iterations [0, SOLVER.MAX_ITER) of a run from scratch
+    message: str
+    warnings: List[str]
+
+
+def schedule_in_epochs(cfg) -> bool:
+    """Whether ``DISTILL.PROTOTYPES`` gives its schedule (or part of it) in epochs."""
+    node = cfg.DISTILL.PROTOTYPES
+    return node.START_EPOCHS > 0 or node.PERIOD_EPOCHS > 0
+
+
+def prototype_schedule(cfg, num_images: Optional[int] = None) -> PrototypeSchedule:
+    """The first build's iteration and the rebuild period, in iterations, with the log line
+    that says where they come from.
+
+    ``DISTILL.PROTOTYPES.START_EPOCHS`` / ``PERIOD_EPOCHS``, when > 0, replace ``START_ITER`` /
+    ``PERIOD`` (so a config inheriting iterations can switch to epochs): an epoch is
+    ``num_images`` (the training set after detectron2's filtering,
+    :func:`d2kd.data.epochs.training_dataset`; needed only then) over ``SOLVER.IMS_PER_BATCH``,
+    rounded up to whole iterations.
+    """
+    node = cfg.DISTILL.PROTOTYPES
+    for key in ("START_ITER", "PERIOD", "START_EPOCHS", "PERIOD_EPOCHS"):
+        if node[key] < 0:
+            raise ValueError(
+                f"DISTILL.PROTOTYPES.{key} = {node[key]} is negative: use 0 (START_*: build at the "
+                "first step; PERIOD*: never rebuild) or a positive number"
+            )
+    batch = cfg.SOLVER.IMS_PER_BATCH
+    if schedule_in_epochs(cfg) and num_images is None:
+        raise ValueError("a schedule in epochs needs the training set's size (num_images)")
+
+    def resolve(iter_key, epoch_key):
+        epochs = node[epoch_key]
+        if epochs > 0:
+            note = f"DISTILL.PROTOTYPES.{epoch_key} {epochs:g}"
+            if node[iter_key]:
+                note += f", which replaces {iter_key} {node[iter_key]}"
+            return epochs_to_iterations(epochs, num_images, batch), note
+        return int(node[iter_key]), f"DISTILL.PROTOTYPES.{iter_key}"
+
+    start, start_note = resolve("START_ITER", "START_EPOCHS")
+    period, period_note = resolve("PERIOD", "PERIOD_EPOCHS")
+    max_iter = cfg.SOLVER.MAX_ITER
+    builds = 0 if start >= max_iter else 1 + ((max_iter - 1 - start) // period if period > 0 else 0)
+    rebuild = f"rebuilt every {period} iterations ({period_note})" if period > 0 else f"never rebuilt ({period_note} 0)"
+    message = f"Prototype bank: first build at iteration {start} ({start_note}), {rebuild}"
+    if num_images is not None:
+        message += (f"; an epoch is {iterations_per_epoch(num_images, batch):g} iterations ({num_images} images "
+                    f"of DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)} at SOLVER.IMS_PER_BATCH {batch})")
+    message += f"; {builds} build(s) in SOLVER.MAX_ITER {max_iter}"
+    warnings = []
+    if builds == 0:
+        warnings.append(
+            f"The prototype bank's first build (iteration {start}, {start_note}) is not before "
+            f"SOLVER.MAX_ITER {max_iter}: the bank is never built, GK's global term stays 0 and every "
+            "robust weight 1. Lower DISTILL.PROTOTYPES.START_ITER / START_EPOCHS"
+        )
+    return PrototypeSchedule(start, period, builds, message, warnings)
+
+
 class PrototypeRefreshHook(HookBase):
     """Builds the prototype bank at ``DISTILL.PROTOTYPES.START_ITER`` and every ``PERIOD``
-    iterations after it (and at the first step after a resume that finds no bank).
+    iterations after it, or ``START_EPOCHS`` / ``PERIOD_EPOCHS`` epochs (see
+    :func:`prototype_schedule`, logged when the hook is made), and at the first step after a
+    resume that finds no bank.
 
     The images are up to ``MAX_IMAGES`` per class, drawn once from ``SEED`` (see
     :func:`per_class_image_subsets`) and kept for the whole run. Each rank extracts instance
@@ -372,8 +446,18 @@ class PrototypeRefreshHook(HookBase):
 
     def __init__(self, cfg):
         node = cfg.DISTILL.PROTOTYPES
-        self.start_iter = node.START_ITER
-        self.period = node.PERIOD
+        self._dataset = None
+        num_images = None
+        if schedule_in_epochs(cfg):
+            train = training_dataset(cfg)
+            num_images = len(train)
+            if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS and not cfg.MODEL.KEYPOINT_ON:
+                self._dataset = train  # the very list prototype_source_dataset would load again
+        schedule = prototype_schedule(cfg, num_images)
+        self.start_iter, self.period = schedule.start_iter, schedule.period
+        logger.info(schedule.message)
+        for w in schedule.warnings:
+            logger.warning(w)
         self.max_images = node.MAX_IMAGES
         self.min_size = node.MIN_SIZE
         self.alpha = node.ALPHA
@@ -384,7 +468,6 @@ class PrototypeRefreshHook(HookBase):
         self.seed = cfg.SEED
         self._dataset_names = cfg.DATASETS.TRAIN
         self._class_names = _thing_classes(cfg.DATASETS.TRAIN)
-        self._dataset = None
         self._images = None
         self._mapper = annotated_test_mapper(cfg)
 
@@ -406,7 +489,8 @@ class PrototypeRefreshHook(HookBase):
     def images(self) -> List[Tuple[int, List[int]]]:
         """(dataset index, classes drawn for) of every image the prototypes are built from."""
         if self._images is None:
-            self._dataset = prototype_source_dataset(self._dataset_names)
+            if self._dataset is None:
+                self._dataset = prototype_source_dataset(self._dataset_names)
             subsets = per_class_image_subsets(self._dataset, self.max_images, self.min_size, self.seed)
             self._images = images_and_classes(subsets)
         return self._images
