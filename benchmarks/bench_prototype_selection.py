@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from d2kd.prototypes.selection import dense_candidates, select_prototypes
+from d2kd.utils.experiment import add_threads_argument, set_cpu_threads
 
 GIB = float(1 << 30)
 
@@ -207,7 +208,6 @@ def coco_like_sizes(images: int, budget: int, min_size: float = 30):
 def coco(args):
     from d2kd.engine.prototype_refresh import assign_selections
 
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sizes = coco_like_sizes(args.coco_images, args.coco_budget)
     levels = 5
@@ -251,7 +251,7 @@ def main():
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--alpha", type=float, default=10.0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
+    add_threads_argument(parser)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the fast method")
     parser.add_argument("--baseline", action="store_true",
                         help="also time the direct candidates x D x N implementation (slow)")
@@ -262,7 +262,9 @@ def main():
     args = parser.parse_args()
     if args.worker:
         worker(json.loads(args.worker))
-    elif args.coco:
+        return
+    args.threads = set_cpu_threads(args.threads)  # each (method, N) process gets this many
+    if args.coco:
         coco(args)
     else:
         sizes_table(args)

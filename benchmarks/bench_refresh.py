@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Prototype refresh time against training time, on the shapes GK config.
 
-    python benchmarks/bench_refresh.py [--refreshes 3] [--steps 20] [--threads 2]
+    python benchmarks/bench_refresh.py [--refreshes 3] [--steps 20] [--threads N]
 
 Builds the trainer of ``configs/shapes/gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml`` (random
 teacher weights: speed does not depend on them), times ``--steps`` training steps and
@@ -34,6 +34,7 @@ import d2kd.engine.prototype_refresh as refresh_module  # noqa: E402
 from d2kd.config import load_config  # noqa: E402
 from d2kd.engine import DistillTrainer  # noqa: E402
 from d2kd.engine.prototype_refresh import PrototypeRefreshHook  # noqa: E402
+from d2kd.utils.experiment import add_threads_argument, set_cpu_threads  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
@@ -44,9 +45,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--refreshes", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
+    add_threads_argument(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
 
     tmp = tempfile.mkdtemp()
     teacher_cfg = load_config(os.path.join(CONFIGS, "faster_rcnn_R_18_FPN_1k_shapes.yaml"), ["MODEL.DEVICE", "cpu"])

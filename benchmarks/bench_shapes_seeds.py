@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import d2kd  # noqa: E402,F401
 from d2kd.data import ensure_shapes_generated  # noqa: E402
-from d2kd.utils.experiment import SHAPES_PAIRS, run_stages  # noqa: E402
+from d2kd.utils.experiment import SHAPES_PAIRS, add_threads_argument, run_stages, set_cpu_threads  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "configs", "shapes")
@@ -120,6 +120,7 @@ def main():
                              "the table's methods of a one-stage pair; the RM + PFI ablation "
                              "rm_only pfi_only rm_pfi_logits only when named)")
     parser.add_argument("--output-dir", default=os.path.join(REPO, "output", "bench_shapes"))
+    add_threads_argument(parser)
     args = parser.parse_args()
 
     pairs = GROUPS.get(args.pair, (args.pair,))
@@ -130,6 +131,7 @@ def main():
         parser.error(f"methods {unknown} have no config for --pair {args.pair}; choose from {sorted(offered)}")
     setup_logger(name="detectron2")
     setup_logger(name="d2kd")
+    set_cpu_threads(args.threads)  # run_stages splits it among the stages side by side
     for split in ("d2kd_shapes_train", "d2kd_shapes_val"):
         ensure_shapes_generated(split)
 

@@ -34,6 +34,7 @@ sys.path.insert(0, REPO)  # run from a checkout without installing
 import d2kd  # noqa: E402,F401
 from d2kd.config import load_config  # noqa: E402
 from d2kd.engine.prototype_refresh import collect_instance_features, rebuild_bank  # noqa: E402
+from d2kd.utils.experiment import add_threads_argument, set_cpu_threads  # noqa: E402
 from detectron2.data import build_detection_train_loader  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes  # noqa: E402
@@ -65,10 +66,9 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--heads", nargs="+", default=["gk", "fitnet", "kd"])
     parser.add_argument("--profile", type=int, default=0, help="profile this many GK steps")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_threads_argument(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)
 
     tmp = tempfile.mkdtemp()
     teacher_cfg = load_config(os.path.join(CONFIGS, "faster_rcnn_R_18_FPN_1k_shapes.yaml"), ["MODEL.DEVICE", args.device])

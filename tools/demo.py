@@ -25,7 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import d2kd  # noqa: E402,F401
 from d2kd.config import load_config  # noqa: E402
 from d2kd.data import ensure_shapes_generated  # noqa: E402
-from d2kd.utils.experiment import SHAPES_PAIRS, comparison_table, run_comparison  # noqa: E402
+from d2kd.utils.experiment import (  # noqa: E402
+    SHAPES_PAIRS, add_threads_argument, comparison_table, run_comparison, set_cpu_threads)
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
@@ -44,6 +45,7 @@ def main():
     parser.add_argument("--output-dir", default=None,
                         help="default output/demo (faster_rcnn), output/demo_<pair> otherwise")
     parser.add_argument("--seed", type=int, default=0)
+    add_threads_argument(parser)
     args = parser.parse_args()
     if args.output_dir is None:
         args.output_dir = os.path.join(REPO, "output", "demo" if args.pair == "faster_rcnn" else f"demo_{args.pair}")
@@ -53,7 +55,7 @@ def main():
     distilled_title = f"distilled ({method.upper()})"
     setup_logger(name="detectron2")
     setup_logger(name="d2kd")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    set_cpu_threads(args.threads)
     start = time.time()
 
     for split in ("d2kd_shapes_train", "d2kd_shapes_val"):  # once, before stages run side by side

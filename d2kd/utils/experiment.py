@@ -30,6 +30,64 @@ SHAPES_PAIRS: Dict[str, Tuple[str, str]] = {
 }
 
 
+def _available_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. under taskset or a
+    container's cpuset), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_threads(requested: int = 0, side_by_side: int = 1) -> int:
+    """d2kd's CPU thread policy: the torch threads each of ``side_by_side`` processes running
+    at the same time gets.
+
+    The budget is ``requested`` (a ``--threads`` flag) when > 0, else ``OMP_NUM_THREADS`` when
+    set (its first value), else every core this process may run on; processes side by side
+    split it evenly, one thread each at least. Small CPU convolutions gain little from a
+    second thread, and a thread that shares its core with other work stalls the others at
+    every synchronisation: on a shared machine ask for fewer threads than cores.
+    """
+    if requested < 0:
+        raise ValueError(f"--threads {requested}: give a number of threads >= 1, or 0 for the default "
+                         "(OMP_NUM_THREADS when set, else every core)")
+    budget = requested
+    if not budget and os.environ.get("OMP_NUM_THREADS", "").strip():
+        value = os.environ["OMP_NUM_THREADS"]
+        first = value.split(",")[0].strip()
+        if not first.isdigit() or int(first) < 1:
+            raise ValueError(f"OMP_NUM_THREADS={value!r} is not a number of threads >= 1: unset it, "
+                             "set e.g. OMP_NUM_THREADS=1, or pass --threads N")
+        budget = int(first)
+    budget = budget or _available_cores()
+    return max(1, budget // max(1, side_by_side))
+
+
+def set_cpu_threads(requested: int = 0) -> int:
+    """Give this process :func:`cpu_threads`'s budget (``torch.set_num_threads``) and export it
+    as ``OMP_NUM_THREADS``, so that processes started from here (the stage runner's workers,
+    which split it) see the same budget. Returns the number of threads."""
+    import torch
+
+    threads = cpu_threads(requested)
+    source = ("--threads" if requested else "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS", "").strip()
+              else f"all {_available_cores()} cores")
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    logger.info(f"CPU threads: {threads} ({source}; lower with --threads N or OMP_NUM_THREADS when "
+                "other work shares the cores)")
+    return threads
+
+
+def add_threads_argument(parser) -> None:
+    """The ``--threads`` flag of d2kd's commands (the demo and the benchmarks), one meaning for all."""
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="CPU threads to use (default: OMP_NUM_THREADS when set, else every core; "
+                             "the demo splits them among the stages it trains side by side); use fewer "
+                             "than the cores when other work shares them")
+
+
 def stage_results(output_dir: str):
     """The saved results of a finished stage, or None."""
     path = os.path.join(output_dir, RESULTS_FILE)
@@ -77,19 +135,27 @@ def _stage_worker(name: str, config_file: str, output_dir: str, opts: Sequence[s
     return train_and_evaluate(config_file, output_dir, opts)
 
 
-def run_stages(stages: List[Tuple[str, str, str, Sequence[str]]], parallel: bool = True) -> List[Dict]:
-    """Run independent ``(name, config_file, output_dir, opts)`` stages, one process per CPU
-    core at a time, and return their metrics in order.
+def run_stages(stages: List[Tuple[str, str, str, Sequence[str]]], parallel: bool = True,
+               threads: int = 0) -> List[Dict]:
+    """Run independent ``(name, config_file, output_dir, opts)`` stages, one process per
+    thread of the budget (:func:`cpu_threads` of ``threads``) at a time, and return their
+    metrics in order.
 
     On a small CPU machine two single-threaded trainings finish sooner than the same two one
     after the other with two threads each (small convolutions do not scale across cores).
+    A budget of one thread runs the stages one after the other, in this process.
     Finished stages are reused without starting a process.
     """
     todo = [s for s in stages if stage_results(s[2]) is None]
-    workers = min(len(todo), os.cpu_count() or 1)
+    budget = cpu_threads(threads)
+    workers = min(len(todo), budget)
     if not parallel or workers < 2:
+        import torch
+
+        torch.set_num_threads(budget)
         return [train_and_evaluate(config, out, opts) for _, config, out, opts in stages]
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = cpu_threads(threads, side_by_side=workers)
+    logger.info(f"{len(todo)} stages side by side: {workers} processes, {threads} CPU thread(s) each")
     # a fresh process per stage: its own logger set-up, and memory returned when it ends
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
         futures = [pool.submit(_stage_worker, *stage, threads) for stage in todo]
@@ -99,10 +165,12 @@ def run_stages(stages: List[Tuple[str, str, str, Sequence[str]]], parallel: bool
 
 
 def run_comparison(teacher_config: str, student_config: str, distill_config: str, output_dir: str,
-                   seed: int, teacher_seed: int = 0, distill_name: str = "gk", distill_opts: Sequence[str] = ()):
+                   seed: int, teacher_seed: int = 0, distill_name: str = "gk", distill_opts: Sequence[str] = (),
+                   threads: int = 0):
     """Teacher (``teacher_seed``), student alone and distilled student (``seed``), each a
     resumable stage under ``output_dir``; the distilled student learns from that teacher.
-    The teacher and the student alone train side by side.
+    The teacher and the student alone train side by side (splitting ``threads``, see
+    :func:`run_stages`).
 
     Returns:
         (teacher, student, distilled) bbox metrics, and the teacher's checkpoint path.
@@ -111,7 +179,7 @@ def run_comparison(teacher_config: str, student_config: str, distill_config: str
     teacher, student = run_stages([
         ("teacher", teacher_config, teacher_dir, ["SEED", str(teacher_seed)]),
         ("student", student_config, os.path.join(output_dir, f"student_seed{seed}"), ["SEED", str(seed)]),
-    ])
+    ], threads=threads)
     teacher_weights = os.path.join(teacher_dir, "model_final.pth")
     distilled = train_and_evaluate(
         distill_config,
