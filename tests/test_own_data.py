@@ -131,3 +131,131 @@ def test_a_bad_or_unreachable_prototype_schedule_is_named(ten_image_dataset):
         prototype_schedule(_epoch_cfg(ten_image_dataset, PERIOD_EPOCHS=-1.0), 10)
     late = prototype_schedule(_epoch_cfg(ten_image_dataset, START_EPOCHS=8.0), 10)  # iteration 20
     assert late.builds == 0 and "never built" in late.warnings[0] and "START_EPOCHS" in late.warnings[0]
+
+
+GK_SHAPES = os.path.join(SHAPES, "gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml")
+
+
+def _inspect_main():
+    import runpy
+
+    return runpy.run_path(os.path.join(REPO, "tools", "inspect_dataset.py"), run_name="d2kd_inspect_under_test")["main"]
+
+
+def test_the_inspect_report_on_the_built_in_data_matches_the_json_the_loader_and_the_refresh_hook(capsys):
+    """The numbers against independent counts: the json's annotations, detectron2's filtered
+    training set, the shapes config's anchors, and what the refresh hook feeds the model."""
+    import json
+    from collections import Counter
+
+    import torch
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from d2kd.data.preflight import preflight
+    from d2kd.engine.prototype_refresh import PrototypeRefreshHook, annotated_test_mapper
+
+    cfg = load_config(GK_SHAPES)
+    DatasetCatalog.get("d2kd_shapes_train")  # generated on first use
+    report = preflight(cfg)
+    meta = MetadataCatalog.get("d2kd_shapes_train")
+    with open(meta.json_file) as f:
+        data = json.load(f)
+    to_class = meta.thing_dataset_id_to_contiguous_id
+    per_class = Counter(to_class[a["category_id"]] for a in data["annotations"])
+    with_boxes = len({a["image_id"] for a in data["annotations"]})
+
+    train = report.datasets[0]
+    assert (train.name, train.records, train.with_boxes, train.boxes) == ("d2kd_shapes_train", len(data["images"]),
+                                                                         with_boxes, len(data["annotations"]))
+    assert (report.train_images, report.iterations_per_epoch) == (with_boxes, with_boxes / 4)
+    assert (report.train_images, report.iterations_per_epoch) == (995, 248.75)  # the built-in set, v2
+    assert report.anchors == [("p2", 4, [12.0]), ("p3", 8, [24.0]), ("p4", 16, [48.0]), ("p5", 32, [96.0]),
+                              ("p6", 64, [192.0])]
+    assert sum(report.boxes_per_level) == train.boxes
+    assert {k.id: k.boxes for k in report.classes} == dict(per_class)
+    assert report.num_classes == 6 and report.warnings == []
+
+    # what the hook samples and maps, counted the way collect_instance_features keeps boxes
+    hook = PrototypeRefreshHook(cfg)
+    drawn = hook.images()
+    mapper, seen, images = annotated_test_mapper(cfg), Counter(), Counter()
+    for j, classes in drawn:
+        x = mapper(hook._dataset[j])
+        scale = x["width"] / x["image"].shape[-1]
+        boxes = x["instances"].gt_boxes.tensor * scale
+        keep = ((boxes[:, 2:] - boxes[:, :2]) > cfg.DISTILL.PROTOTYPES.MIN_SIZE).all(dim=1)
+        keep &= torch.isin(x["instances"].gt_classes, torch.tensor(classes))
+        seen.update(x["instances"].gt_classes[keep].tolist())
+        images.update(classes)
+    assert {k.id: k.sampled_images for k in report.classes} == dict(images)
+    assert {k.id: k.sampled_instances for k in report.classes} == dict(seen)
+    assert report.prototype_images == len(drawn)
+
+    assert _inspect_main()(["--config-file", GK_SHAPES]) == 0
+    out = capsys.readouterr().out
+    assert "995 training images (after detectron2's filtering) at SOLVER.IMS_PER_BATCH 4: 248.75 iterations per epoch" in out
+    assert "## Warnings (0)" in out
+
+
+def _coco_json(path, annotations, categories=("dot", "blob"), images=4, size=128):
+    import json
+
+    data = {"images": [{"id": i + 1, "file_name": f"{i}.png", "height": size, "width": size} for i in range(images)],
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(categories)],
+            "annotations": [dict(a, id=k + 1, iscrowd=0, area=a["bbox"][2] * a["bbox"][3]) for k, a in enumerate(annotations)]}
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.fixture
+def own_coco(tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    names = []
+
+    def register(annotations, **kwargs):
+        name = f"d2kd_test_own_{len(names)}_{os.getpid()}"
+        register_coco_instances(name, {}, _coco_json(tmp_path / f"{name}.json", annotations, **kwargs), str(tmp_path))
+        names.append(name)
+        return name
+
+    yield register
+    for name in names:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_the_inspect_report_warns_of_dropped_boxes_unusable_classes_far_anchors_and_class_counts(own_coco, capsys):
+    """Own data: class 'dot' is all 3 px boxes (under MIN_SIZE 8 and half the 12 px anchor);
+    'blob' has two boxes whose polygons are point dicts (detectron2 drops them, boxes and all)."""
+    from d2kd.data.preflight import preflight
+
+    square = [40, 40, 60, 40, 60, 60, 40, 60]
+    points = [{"x": 40, "y": 40}, {"x": 60, "y": 40}, {"x": 60, "y": 60}, {"x": 40, "y": 60}]
+    anns = [{"image_id": i, "category_id": 1, "bbox": [10, 10, 3, 3]} for i in (1, 2, 3, 4)]
+    anns += [{"image_id": i, "category_id": 2, "bbox": [40, 40, 20, 20], "segmentation": [square]} for i in (1, 2)]
+    anns += [{"image_id": i, "category_id": 2, "bbox": [40, 40, 20, 20], "segmentation": [points]} for i in (3, 4)]
+    name = own_coco(anns)
+    opts = ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()"]
+    report = preflight(load_config(GK_SHAPES, opts))
+    assert report.datasets[0].boxes == 6
+    assert list(report.datasets[0].bad_segmentations.values()) == [2]
+    assert "polygons of point dicts" in next(iter(report.datasets[0].bad_segmentations))
+    dot, blob = report.classes[:2]
+    assert (dot.boxes, dot.usable, dot.sampled_instances, dot.below_anchors) == (4, 0, 0, 4)
+    assert (blob.boxes, blob.usable, blob.sampled_images, blob.sampled_instances) == (2, 2, 2, 2)
+    text = "\n".join(report.warnings)
+    assert "2 of the 8 annotations in" in text and "did not reach detectron2's dataset dicts" in text
+    assert "class 0 (dot): 0 usable instance(s) for prototypes" in text and "Lower DISTILL.PROTOTYPES.MIN_SIZE" in text
+    assert "4 of 6 training boxes (66.7%) are under half the smallest anchor (12 px" in text
+    assert "DATASETS.TRAIN has 2 classes (dot, blob) but MODEL.ROI_HEADS.NUM_CLASSES = 6: set it to 2" in text
+    assert _inspect_main()(["--config-file", GK_SHAPES, *opts]) == 1
+
+    # a segmentation detectron2 cannot even load: the dataset and the form are named
+    broken = own_coco([{"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "segmentation": {"polygons": [square]}}])
+    opts = ["DATASETS.TRAIN", f"('{broken}',)", "DATASETS.TEST", "()"]
+    assert _inspect_main()(["--config-file", GK_SHAPES, *opts]) == 2
+    err = capsys.readouterr().err
+    assert f"detectron2 cannot load dataset '{broken}' (train): KeyError" in err
+    assert "1 x a dict that is not RLE (no 'counts')" in err
