@@ -249,6 +249,7 @@ def test_the_inspect_report_warns_of_dropped_boxes_unusable_classes_far_anchors_
     assert "2 of the 8 annotations in" in text and "did not reach detectron2's dataset dicts" in text
     assert "class 0 (dot): 0 usable instance(s) for prototypes" in text and "Lower DISTILL.PROTOTYPES.MIN_SIZE" in text
     assert "4 of 6 training boxes (66.7%) are under half the smallest anchor (12 px" in text
+    assert "add smaller anchors (MODEL.ANCHOR_GENERATOR.SIZES)" in text
     assert "DATASETS.TRAIN has 2 classes (dot, blob) but MODEL.ROI_HEADS.NUM_CLASSES = 6: set it to 2" in text
     assert _inspect_main()(["--config-file", GK_SHAPES, *opts]) == 1
 
@@ -259,3 +260,10 @@ def test_the_inspect_report_warns_of_dropped_boxes_unusable_classes_far_anchors_
     err = capsys.readouterr().err
     assert f"detectron2 cannot load dataset '{broken}' (train): KeyError" in err
     assert "1 x a dict that is not RLE (no 'counts')" in err
+    # every polygon a rectangle of point dicts: every box is dropped, and with it every image
+    lost = own_coco([{"image_id": i, "category_id": 2, "bbox": [40, 40, 20, 20], "segmentation": [points]} for i in (1, 2)])
+    opts = ["DATASETS.TRAIN", f"('{lost}',)", "DATASETS.TEST", "()"]
+    assert _inspect_main()(["--config-file", GK_SHAPES, *opts]) == 2
+    err = capsys.readouterr().err
+    assert "has a box as detectron2 loads it, so detectron2 stops with 'No valid data found'" in err
+    assert "2 of the 2 annotations in" in err and "polygons of point dicts" in err

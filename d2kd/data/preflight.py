@@ -127,7 +127,8 @@ def _summary(name: str, role: str, records: List[dict]) -> DatasetSummary:
 def student_anchors(cfg):
     """(feature, stride, sorted anchor sizes) per level of the student's anchor generator, as
     detectron2 builds it for the config (a Distill architecture's plain counterpart, no
-    teacher), with the number of classes it predicts and the key that sets it."""
+    teacher), with the number of classes it predicts, the key that sets it, and the key
+    that sets the anchors."""
     from detectron2.modeling import build_model
 
     from ..modeling.kinds import is_distill_meta_arch, kind_of, plain_meta_arch_of
@@ -144,12 +145,16 @@ def student_anchors(cfg):
         getattr(model, "head_in_features", None) or [f"level {i}" for i in range(len(generator.strides))]
     levels = []
     for name, stride, cell in zip(features, generator.strides, generator.cell_anchors):
-        sides = ((cell[:, 2] - cell[:, 0]) * (cell[:, 3] - cell[:, 1])).sqrt()
-        levels.append((name, int(stride), sorted({round(float(s), 1) for s in sides})))
-    num_classes_key = kind.num_classes_key or "MODEL.ROI_HEADS.NUM_CLASSES"
-    if plain.MODEL.META_ARCHITECTURE == "GFL":
-        num_classes_key = "MODEL.GFL.NUM_CLASSES"
-    return levels, kind.num_classes(model), num_classes_key
+        sides = []
+        for side in sorted(float(v) for v in ((cell[:, 2] - cell[:, 0]) * (cell[:, 3] - cell[:, 1])).sqrt()):
+            if not sides or side > sides[-1] * 1.01:  # one size per aspect-ratio group (float noise)
+                sides.append(side)
+        levels.append((name, int(stride), [round(v, 1) for v in sides]))
+    anchor_key = "MODEL.ANCHOR_GENERATOR.SIZES"
+    if plain.MODEL.META_ARCHITECTURE == "GFL":  # d2kd's GFL: one anchor of OCTAVE_BASE_SCALE x stride
+        anchor_key = ("MODEL.GFL.OCTAVE_BASE_SCALE (anchor side = scale x stride; GFL's ATSS takes a "
+                      "per-box IoU threshold, so it is less strict than an IoU-matched head)")
+    return levels, kind.num_classes(model), kind.num_classes_key or "MODEL.ROI_HEADS.NUM_CLASSES", anchor_key
 
 
 def _input_scale(record: dict, cfg) -> float:
@@ -200,13 +205,18 @@ def preflight(cfg) -> Preflight:
         if s.records and not s.with_boxes:
             warnings.append(f"{s.name} ({s.role}): none of its {s.records} images has a box")
 
+    if not any(s.with_boxes for s in summaries if s.role == "train"):
+        raise RuntimeError(
+            f"no image of DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)} has a box as detectron2 loads it, so "
+            "detectron2 stops with 'No valid data found'. " + " ".join(warnings)
+        )
     train = training_dataset(cfg)
     batch = cfg.SOLVER.IMS_PER_BATCH
     per_epoch = iterations_per_epoch(len(train), batch)
     schedule = prototype_schedule(cfg, len(train))
     warnings += schedule.warnings
 
-    levels, num_classes, num_classes_key = student_anchors(cfg)
+    levels, num_classes, num_classes_key, anchor_key = student_anchors(cfg)
     all_sizes = [s for _, _, sizes in levels for s in sizes]
     smallest, largest = min(all_sizes), max(all_sizes)
     level_logs = [np.log(np.asarray(sizes)) for _, _, sizes in levels]
@@ -277,13 +287,12 @@ def preflight(cfg) -> Preflight:
     if total and below > FAR_OUTSIDE_SHARE * total:
         warnings.append(
             f"{below} of {total} training boxes ({100 * below / total:.1f}%) are under half the smallest "
-            f"anchor ({smallest:g} px; IoU < 0.25 with any anchor): add smaller sizes to "
-            "MODEL.ANCHOR_GENERATOR.SIZES, or resize the input up (INPUT.MIN_SIZE_TRAIN / MIN_SIZE_TEST)")
+            f"anchor ({smallest:g} px; IoU < 0.25 with any anchor): add smaller anchors ({anchor_key}), "
+            "or resize the input up (INPUT.MIN_SIZE_TRAIN / MIN_SIZE_TEST)")
     if total and above > FAR_OUTSIDE_SHARE * total:
         warnings.append(
             f"{above} of {total} training boxes ({100 * above / total:.1f}%) are over twice the largest "
-            f"anchor ({largest:g} px): add larger sizes to MODEL.ANCHOR_GENERATOR.SIZES, or resize the "
-            "input down")
+            f"anchor ({largest:g} px): add larger anchors ({anchor_key}), or resize the input down")
 
     train_sizes = tuple(cfg.INPUT.MIN_SIZE_TRAIN)
     input_note = (f"box sizes are sqrt(w x h) in input pixels at the test resize (short side "
