@@ -7,6 +7,7 @@ from fvcore.common.param_scheduler import LinearParamScheduler
 from torch import nn
 
 from ..structures import DistillContext, select_strides
+from ..value_checks import check_distill_values
 from .registry import head_name
 
 
@@ -28,6 +29,8 @@ class DistillHead(nn.Module):
         super().__init__()
         self.name = head_name(type(self))
         self.node = cfg.DISTILL.get(self.name.upper())
+        # weights, temperatures, periods, counts: one place, one message (d2kd/value_checks.py)
+        check_distill_values(cfg, [f"DISTILL.{self.name.upper()}"])
         # The reference GK config decays terms linearly to 0 over training; opt-in per head.
         decay = self.node is not None and bool(self.node.get("DECAY", False))
         self._decay = decay and bool(cfg.DISTILL.SCHEDULE.LINEAR_DECAY)

@@ -46,8 +46,6 @@ class DeFeatHead(DistillHead):
         self.fg_weight, self.bg_weight = node.FG_WEIGHT, node.BG_WEIGHT
         self.kl_fg_weight, self.kl_bg_weight = node.KL_FG_WEIGHT, node.KL_BG_WEIGHT
         self.temperature = node.TEMPERATURE
-        if self.temperature <= 0:
-            raise ValueError(f"DISTILL.DEFEAT.TEMPERATURE must be > 0, got {self.temperature}")
         self.robust = bool(node.ROBUST_WEIGHTS)
         self.with_kl = self.two_stage and (self.kl_fg_weight > 0 or self.kl_bg_weight > 0)
         requires = {"student.features", "teacher.features"}

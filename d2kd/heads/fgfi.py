@@ -91,8 +91,6 @@ class FGFIHead(DistillHead):
         node = cfg.DISTILL.FGFI
         self.weight = node.WEIGHT
         self.threshold = node.THRESHOLD
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"DISTILL.FGFI.THRESHOLD must lie in [0, 1], got {self.threshold}")
         self.max_iou_over = self.choice(node.MAX_IOU_OVER, MAX_IOU_OVER, "DISTILL.FGFI.MAX_IOU_OVER")
         self.start_iter = node.START_ITER
         self.strides = self.select_strides(node.STRIDES, student_shapes, teacher_shapes, "DISTILL.FGFI.STRIDES")

@@ -62,8 +62,6 @@ class GKHead(DistillHead):
         self.bg_weight = node.FEATURE_WEIGHT * node.BG_WEIGHT
         self.response_weight = node.RESPONSE_WEIGHT
         self.temperature = node.TEMPERATURE
-        if self.temperature <= 0:
-            raise ValueError(f"DISTILL.GK.TEMPERATURE must be > 0, got {self.temperature}")
         requires = {"student.features", "teacher.features", "prototypes"}
         if instances == "positive_rois":
             requires.add("student.rois")

@@ -23,8 +23,6 @@ class KDHead(DistillHead):
         node = cfg.DISTILL.KD
         self.weight = node.WEIGHT
         self.temperature = node.TEMPERATURE
-        if self.temperature <= 0:
-            raise ValueError(f"DISTILL.KD.TEMPERATURE must be > 0, got {self.temperature}")
         self.robust = bool(node.ROBUST_WEIGHTS)
         self.two_stage = self.student_kind(cfg) == "two_stage"
         self.requires = class_logit_requirements(self.two_stage) | ({"prototypes"} if self.robust else set())

@@ -96,11 +96,6 @@ class LDHead(DistillHead):
         self.temperature = node.TEMPERATURE
         self.kd_temperature = node.KD_TEMPERATURE
         self.topk = node.TOPK
-        for key, value in (("TEMPERATURE", self.temperature), ("KD_TEMPERATURE", self.kd_temperature)):
-            if value <= 0:
-                raise ValueError(f"DISTILL.LD.{key} must be > 0, got {value}")
-        if not 0 <= self.vlr_lower < 1:
-            raise ValueError(f"DISTILL.LD.VLR_LOWER must be in [0, 1), got {self.vlr_lower}")
         self.requires = frozenset({
             "student.box_distribution", "teacher.box_distribution", "student.dense", "teacher.dense",
             "student.anchors", "paired_anchors",

@@ -51,14 +51,10 @@ class PKDHead(DistillHead):
         super().__init__(cfg, student_shapes, teacher_shapes)
         node = cfg.DISTILL.PKD
         self.weight = float(node.WEIGHT)
-        if self.weight < 0:
-            if self.weight != -1:
-                raise ValueError(f"DISTILL.PKD.WEIGHT must be >= 0, or -1 for the default; got {self.weight}")
+        if self.weight == -1:
             self.weight = DEFAULT_WEIGHTS[self.student_kind(cfg)]
         strides = self.select_strides(node.STRIDES, student_shapes, teacher_shapes, "DISTILL.PKD.STRIDES")
         if not node.STRIDES:
-            if node.NUM_LEVELS < 0:
-                raise ValueError(f"DISTILL.PKD.NUM_LEVELS must be >= 0, got {node.NUM_LEVELS}")
             strides = strides[: node.NUM_LEVELS] if node.NUM_LEVELS else strides
         self.strides = strides
         self.adapters = StrideAdapters(self.strides, student_shapes, teacher_shapes, "auto", 1, relu=False)

@@ -30,6 +30,7 @@ from .kinds import DISTILL_META_ARCHS, DetectorKind
 from .recorder import Recorder
 from .requirements import check_requirements, teacher_parts
 from .step_outputs import ModelStepOutputs
+from ..value_checks import check_distill_values
 from .teacher import TeacherConfigError, build_teacher, check_same_classes, load_teacher_weights
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class DistillSetup:
 
 
 def build_distill_setup(cfg, student_backbone) -> DistillSetup:
+    check_distill_values(cfg)  # every bad value at once, before the teacher is built
     teacher, teacher_cfg, teacher_kind = build_teacher(cfg)
     heads = build_distill_heads(cfg, shapes_by_stride(student_backbone), shapes_by_stride(teacher.backbone))
     if len(heads) == 0:
@@ -146,7 +148,9 @@ class DistillMixin:
                 setup.prototype_cfg, shapes_by_stride(self.backbone),
                 shapes_by_stride(teacher.backbone), self.kind.num_classes(self),
             )
-        load_teacher_weights(teacher, setup.teacher_weights, allow_pickle=setup.allow_pickle)
+        # the local file the teacher was read from: its content identifies the teacher on resume
+        self.teacher_weights_file = load_teacher_weights(teacher, setup.teacher_weights,
+                                                         allow_pickle=setup.allow_pickle)
         self._recorder = Recorder(self, self.kind.recorded)
         self.teacher_recorder = Recorder(teacher, self.teacher_kind.recorded)
         teacher.to(self.device)
