@@ -113,7 +113,16 @@ def test_the_prototype_period_in_epochs_follows_the_training_set_and_the_batch(t
     assert "rebuilt every 5 iterations (DISTILL.PROTOTYPES.PERIOD_EPOCHS 2" in message
     assert "an epoch is 2.5 iterations (10 images of DATASETS.TRAIN" in message
     assert "4 build(s) in SOLVER.MAX_ITER 20" in message  # iterations 3, 8, 13, 18
-    assert [it for it in range(20) if it >= hook.start_iter and (it - hook.start_iter) % hook.period == 0] == [3, 8, 13, 18]
+    from types import SimpleNamespace
+
+    bank = SimpleNamespace(is_built=False)
+    monkeypatch.setattr(hook, "_model", lambda: SimpleNamespace(prototype_bank=bank))
+    builds = []
+    for it in range(cfg.SOLVER.MAX_ITER):
+        if hook.is_due(it):
+            builds.append(it)
+            bank.is_built = True
+    assert builds == [3, 8, 13, 18]
 
     cfg.SOLVER.IMS_PER_BATCH = 2  # half the batch: twice the iterations
     half = PrototypeRefreshHook(cfg)
