@@ -251,9 +251,10 @@ class TeacherConfigError(ValueError):
 def resolve_teacher_config_file(name: str, relative_to: str = "") -> str:
     """The one place a ``DISTILL.TEACHER.CONFIG_FILE`` value becomes a readable local path.
 
-    Tried in order: a path relative to ``relative_to`` (the directory of the yaml that wrote
-    it, as detectron2 resolves ``_BASE_``), a path as given (absolute or relative to the
-    working directory), a detectron2 model-zoo config name.
+    Tried in order: a ``d2kd://`` URI (a release's config.yaml in d2kd's model zoo, fetched
+    through detectron2's PathManager), a path relative to ``relative_to`` (the directory of
+    the yaml that wrote it, as detectron2 resolves ``_BASE_``), a path as given (absolute or
+    relative to the working directory), a detectron2 model-zoo config name.
     """
     import os
 
@@ -262,6 +263,15 @@ def resolve_teacher_config_file(name: str, relative_to: str = "") -> str:
             "DISTILL.TEACHER.CONFIG_FILE is empty: set it to the teacher's yaml, or to a "
             "detectron2 model-zoo name such as COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml"
         )
+    if name.startswith("d2kd://"):
+        from detectron2.utils.file_io import PathManager
+
+        from .model_zoo import ZooFileError
+
+        try:
+            return PathManager.get_local_path(name)
+        except ZooFileError as e:
+            raise TeacherConfigError(f"DISTILL.TEACHER.CONFIG_FILE: {e}") from None
     if relative_to and not os.path.isabs(name):
         beside = os.path.join(relative_to, name)
         if os.path.isfile(beside):

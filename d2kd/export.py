@@ -5,13 +5,20 @@ A release is a directory holding
 * ``<name>_<md5[:6]>.pth``: the student's weights (named like detectron2's model zoo files: a
   content-hash suffix, so a changed file never hides behind an old name);
 * ``config.yaml``: a stock detectron2 config (no ``DISTILL`` node, the plain
-  meta-architecture) whose ``MODEL.WEIGHTS`` names the weights, with a comment at its top
-  saying what a consumer needs;
+  meta-architecture) whose ``MODEL.WEIGHTS`` names the weights *relative to the config's
+  folder* (so the release loads from wherever it is copied: :func:`load_release_config`, or
+  the snippet at the top of the file), with a comment at its top saying what a consumer needs;
 * only when the student uses a component that stock detectron2 lacks and no stock builder
   can express (e.g. d2kd's narrow ResNet-18 backbone): a copy of the module that registers
   it, which needs nothing but detectron2. Where a stock builder builds the very same model
   (``build_basic_resnet_fpn_backbone`` at ``RES2_OUT_CHANNELS: 64`` is detectron2's
-  ``build_resnet_fpn_backbone``), the config names the stock one instead.
+  ``build_resnet_fpn_backbone``), the config names the stock one instead;
+* with ``formats=("torchscript",)``: ``<name>_<md5[:6]>.ts``, the traced student (d2kd.deploy),
+  published only when it predicts what the eager student predicts;
+* ``release.json``, the manifest: every file of the release with its md5, the TorchScript
+  contract, what a consumer needs, and what the publisher adds (metrics, teacher, ...). An
+  export replaces only a directory whose manifest lists exactly its files: it never deletes
+  what it cannot prove it wrote.
 
 How it is written (:func:`write_release`): everything is validated in memory first (the
 checkpoint reads, its weights fit the student the config describes, the config loads in a
@@ -33,8 +40,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -46,6 +54,7 @@ from .checkpoint import (
     IncompatibleCheckpointError,
     describe_load_error,
 )
+from . import deploy
 from .modeling.kinds import is_distill_meta_arch, plain_meta_arch_of
 from .utils.atomic import TEMPORARY_NAME, fsync_directory, pid_is_alive, temporary_path
 
@@ -53,9 +62,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "student_config", "student_state_dict", "d2kd_components", "prepare_release", "write_release",
-    "export_student", "StudentCheckpointer", "build_student", "verification_images",
-    "student_predictions", "check_release", "ExportError", "ReleaseCheckError",
+    "export_student", "export_release", "ExportResult", "StudentCheckpointer", "build_student",
+    "verification_images", "student_predictions", "check_release", "load_release_config",
+    "read_manifest", "ExportError", "ReleaseCheckError", "MANIFEST",
 ]
+
+# The manifest every release carries (see the module docstring).
+MANIFEST = "release.json"
+MANIFEST_FORMAT = "d2kd-release/1"
 
 
 class ExportError(ValueError):
@@ -217,6 +231,9 @@ class Release:
     components: List[Component] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)  # what a consumer needs, one line each
     extra_keys: List[str] = field(default_factory=list)  # non-stock config keys kept (needs d2kd)
+    torchscript: Optional[bytes] = None  # the traced student (d2kd.deploy), if exported
+    torchscript_name: str = ""
+    info: Dict[str, Any] = field(default_factory=dict)  # manifest entries a publisher adds
 
     @property
     def needs_modules(self) -> bool:
@@ -331,13 +348,13 @@ def non_stock_keys(cfg: CfgNode, stock: Optional[CfgNode] = None, prefix: str = 
     return out
 
 
-def release_header(release: Release, output_dir: str) -> str:
-    """The comment at the top of a release's config.yaml."""
+def release_header(release: Release) -> str:
+    """The comment at the top of a release's config.yaml: what a consumer needs, and the
+    loading snippet (paths are relative to the config's folder)."""
     meta = release.config.MODEL.META_ARCHITECTURE
-    lines = [f"# A distilled student exported by d2kd: a plain detectron2 {meta}."]
+    lines = [f"# A detector exported by d2kd (d2kd.export): a plain detectron2 {meta}."]
     if not release.needs_modules:
-        lines.append("# Loads in stock detectron2, no d2kd needed:")
-        lines.append("#     cfg = get_cfg(); cfg.merge_from_file('config.yaml'); predictor = DefaultPredictor(cfg)")
+        lines.append("# Loads in stock detectron2, no d2kd needed.")
     else:
         lines.append("# NEEDS more than stock detectron2 -- before building the model:")
     for c in release.components:
@@ -346,18 +363,53 @@ def release_header(release: Release, output_dir: str) -> str:
         elif release.needs_d2kd:
             lines.append(f"# {c.key} = {c.name} comes from {c.module}: `import {c.module}`.")
         elif c.self_contained:
-            copy = os.path.join(output_dir, os.path.basename(c.file))
-            lines.append(f"# {c.key} = {c.name} is registered by the module beside this file (a copy of")
+            copy = os.path.basename(c.file)
+            lines.append(f"# {c.key} = {c.name} is registered by {copy} beside this file (a copy of")
             lines.append(f"# {c.module}; needs only detectron2). Run it first:")
-            lines.append(f"#     import runpy; runpy.run_path({copy!r})")
+            lines.append(f"#     import runpy; runpy.run_path(os.path.join(os.path.dirname(path), {copy!r}))")
             lines.append("# (or, with d2kd installed, `import d2kd`).")
         else:
             lines.append(f"# {c.key} = {c.name} comes from {c.module}, which needs d2kd: `import {c.module}`.")
     if release.extra_keys:
         lines.append(f"# Keys stock detectron2 lacks ({', '.join(release.extra_keys)}): read this file with")
         lines.append("#     from d2kd.config import add_distill_config")
-        lines.append("#     cfg = get_cfg(); add_distill_config(cfg); cfg.merge_from_file('config.yaml')")
+        lines.append("#     cfg = get_cfg(); add_distill_config(cfg); cfg.merge_from_file(path)")
+        lines.append("# then resolve MODEL.WEIGHTS as below (or: d2kd.export.load_release_config(path)).")
+    else:
+        lines.append("# Paths in this file are relative to its folder; load it from wherever it is copied with")
+        lines.append("#     cfg = get_cfg(); cfg.merge_from_file(path)")
+    lines.append("#     cfg.MODEL.WEIGHTS = os.path.join(os.path.dirname(path), cfg.MODEL.WEIGHTS)")
+    lines.append("#     predictor = DefaultPredictor(cfg)")
     return "\n".join(lines) + "\n"
+
+
+def load_release_config(config_path: str) -> CfgNode:
+    """A release's ``config.yaml`` read as the header says: d2kd's extra keys known, and
+    ``MODEL.WEIGHTS`` resolved against the config's folder (a release can be moved)."""
+    from .config import add_distill_config
+
+    cfg = get_cfg()
+    add_distill_config(cfg)
+    cfg.merge_from_file(config_path)
+    weights = cfg.MODEL.WEIGHTS
+    if weights and "://" not in weights and not os.path.isabs(weights):
+        cfg.MODEL.WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(config_path)), weights)
+    return cfg
+
+
+def read_manifest(directory: str) -> Optional[dict]:
+    """The manifest of the release in ``directory``, or None when it has none (or not one
+    d2kd can read)."""
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
+            or not isinstance(manifest.get("files"), dict):
+        return None
+    return manifest
 
 
 def _stale_release_temporaries(out: str) -> None:
@@ -371,22 +423,30 @@ def _stale_release_temporaries(out: str) -> None:
 
 
 def check_output_dir(output_dir: str) -> None:
-    """``output_dir`` may be new, empty, or an earlier release (which a release replaces whole);
-    anything else is refused before any writing."""
+    """``output_dir`` may be new, empty, or a release this tool wrote (its manifest lists
+    exactly the files it holds), which a new release replaces whole. Anything else is refused
+    before any writing: an export never deletes what it cannot prove it wrote."""
     out = os.path.abspath(output_dir)
     if not os.path.exists(out):
         return
     if not os.path.isdir(out):
         raise ExportError(f"--output-dir {output_dir} exists and is not a directory")
-    entries = os.listdir(out)
+    entries = sorted(os.listdir(out))
     if not entries:
         return
-    foreign = [e for e in entries if not (os.path.isfile(os.path.join(out, e)) and e.endswith((".yaml", ".pth", ".py")))]
-    if foreign or "config.yaml" not in entries:
-        shown = ", ".join(sorted(foreign or entries)[:5])
+    manifest = read_manifest(out)
+    if manifest is None:
         raise ExportError(
-            f"--output-dir {output_dir} holds files that are not an earlier d2kd release ({shown}); an "
-            "export replaces the whole directory, so choose a new or empty one"
+            f"--output-dir {output_dir} is not a release d2kd wrote (it has no {MANIFEST}) and holds "
+            f"{', '.join(entries[:5])}{' ...' if len(entries) > 5 else ''}; an export replaces the whole "
+            "directory, so nothing was written: choose a new or empty folder"
+        )
+    foreign = [e for e in entries if e != MANIFEST and e not in manifest["files"]]
+    if foreign:
+        raise ExportError(
+            f"--output-dir {output_dir} is a d2kd release, but also holds files the release did not "
+            f"write ({', '.join(foreign[:5])}); an export replaces the whole directory, so nothing was "
+            "written: move those files out, or choose a new or empty folder"
         )
 
 
@@ -411,12 +471,15 @@ def write_release(release: Release, output_dir: str,
     try:
         os.makedirs(tmp)
         files = {release.weights_name: release.weights}
+        if release.torchscript is not None:
+            files[release.torchscript_name] = release.torchscript
         for copy, source in release.modules.items():
             with open(source, "rb") as f:
                 files[copy] = f.read()
         cfg = release.config.clone()
-        cfg.MODEL.WEIGHTS = weights_path
-        files["config.yaml"] = (release_header(release, out) + cfg.dump()).encode()
+        cfg.MODEL.WEIGHTS = release.weights_name  # relative to the config's folder: movable
+        files["config.yaml"] = (release_header(release) + cfg.dump()).encode()
+        files[MANIFEST] = json.dumps(_manifest(release, files), indent=1).encode()
         for file_name, data in files.items():
             with open(os.path.join(tmp, file_name), "wb") as f:
                 f.write(data)
@@ -443,6 +506,29 @@ def write_release(release: Release, output_dir: str,
     for note in release.notes:
         log(note)
     return weights_path, config_path
+
+
+def _manifest(release: Release, files: Dict[str, bytes]) -> dict:
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "files": {name: hashlib.md5(data).hexdigest() for name, data in sorted(files.items())},
+        "weights": release.weights_name,
+        "config": "config.yaml",
+        "meta_architecture": release.config.MODEL.META_ARCHITECTURE,
+        "needs": release.notes or ["stock detectron2 only"],
+        "torchscript": None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if release.torchscript is not None:
+        manifest["torchscript"] = {
+            "file": release.torchscript_name,
+            "input": f"float (3, H, W) in INPUT.FORMAT {release.config.INPUT.FORMAT}, resized by "
+                     f"ResizeShortestEdge({release.config.INPUT.MIN_SIZE_TEST}, {release.config.INPUT.MAX_SIZE_TEST})",
+            "outputs": list(deploy.TORCHSCRIPT_OUTPUTS),
+            "device": release.config.MODEL.DEVICE,
+        }
+    manifest.update(release.info)
+    return manifest
 
 
 def export_student(cfg: CfgNode, checkpoint_path: str, output_dir: str, name: str = "model_final",
@@ -497,28 +583,116 @@ def verification_images(cfg: CfgNode, dataset: Optional[str] = None, images_dir:
     return files
 
 
-def student_predictions(cfg: CfgNode, checkpoint_path: str, image_files: Sequence[str]) -> List[dict]:
-    """The student's predictions (d2kd-built, weights from the distillation checkpoint, no
-    teacher) on ``image_files``, through detectron2's DefaultPredictor pre-processing."""
-    import cv2
+def load_student_predictor(cfg: CfgNode, checkpoint_path: str):
+    """detectron2's DefaultPredictor on the student (d2kd-built, weights from the distillation
+    checkpoint, no teacher)."""
     from detectron2.engine import DefaultPredictor
 
     scfg = student_config(cfg)
     scfg.MODEL.WEIGHTS = ""
     predictor = DefaultPredictor(scfg)
     StudentCheckpointer(predictor.model).load(checkpoint_path)
-    out = []
+    return predictor
+
+
+def _read_images(image_files: Sequence[str]):
+    import cv2
+
     for f in image_files:
         image = cv2.imread(f)
         if image is None:
             raise ExportError(f"cannot read image {f}")
-        inst = predictor(image)["instances"].to("cpu")
-        out.append({"boxes": inst.pred_boxes.tensor, "scores": inst.scores, "classes": inst.pred_classes})
-    return out
+        yield image
+
+
+def student_predictions(cfg: CfgNode, checkpoint_path: str, image_files: Sequence[str], predictor=None) -> List[dict]:
+    """The student's predictions on ``image_files`` through detectron2's DefaultPredictor
+    pre-processing (``predictor``: one from load_student_predictor, else built here)."""
+    predictor = predictor or load_student_predictor(cfg, checkpoint_path)
+    return deploy.as_prediction_dicts([predictor(image)["instances"].to("cpu") for image in _read_images(image_files)])
+
+
+def add_torchscript(release: Release, predictor, image_files: Sequence[str], expected: List[dict],
+                    tolerance: float = deploy.DEFAULT_TOLERANCE) -> float:
+    """Trace the student (``predictor.model``) into ``release`` as ``<name>_<md5[:6]>.ts`` and
+    check it predicts ``expected`` on ``image_files``; returns the largest difference.
+
+    Raises:
+        ExportError: the traced model predicts differently (nothing is published).
+    """
+    import cv2
+
+    name = release.weights_name.rsplit("_", 1)[0]
+    sample = deploy.test_time_input(cv2.imread(image_files[0]), release.config)
+    data = deploy.trace_student(predictor.model, sample)
+    traced = deploy.TorchScriptPredictor(io.BytesIO(data), release.config)
+    try:
+        worst = deploy.predictions_difference(expected, [traced(im) for im in _read_images(image_files)],
+                                              image_files, tolerance)
+    except deploy.ParityError as e:
+        raise ExportError(f"the TorchScript student does not predict what the eager student predicts: {e}; "
+                          "nothing was published") from None
+    release.torchscript = data
+    release.torchscript_name = f"{name}_{hashlib.md5(data).hexdigest()[:6]}.ts"
+    return worst
+
+
+@dataclass
+class ExportResult:
+    """Where :func:`export_release` put the release, and what its checks saw."""
+
+    weights_path: str
+    config_path: str
+    release: Release
+    torchscript_path: Optional[str] = None
+    check: Dict[str, Any] = field(default_factory=dict)  # check_release's result (verify)
+
+
+def export_release(cfg: CfgNode, checkpoint_path: str, output_dir: str, *, name: str = "model_final",
+                   images: Optional[Sequence[str]] = None, formats: Sequence[str] = (),
+                   info: Optional[Dict[str, Any]] = None, tolerance: float = deploy.DEFAULT_TOLERANCE) -> ExportResult:
+    """The whole export: validate, trace the ``formats`` asked for, check, then publish.
+
+    With ``images`` the release is verified before it is published (:func:`check_release`:
+    a process without d2kd loads it strictly and must predict what the student predicts,
+    the TorchScript file included). ``"torchscript"`` in ``formats`` needs ``images``.
+    ``info`` goes into the manifest (e.g. metrics). Nothing is written when a check fails.
+    """
+    unknown = [f for f in formats if f not in deploy.FORMATS]
+    if unknown:
+        raise ExportError(f"unknown export format(s) {unknown}; d2kd exports {list(deploy.FORMATS)} "
+                          "(see the README, 'Deployment formats')")
+    if formats and not images:
+        raise ExportError("--format torchscript is checked against the eager student on images: pass "
+                          "--images DIR or --dataset NAME (or a config whose DATASETS.TEST has one)")
+    check_output_dir(output_dir)
+    release = prepare_release(cfg, checkpoint_path, name)
+    release.info.update(info or {})
+    check, result = None, {}  # check: set below when there are images to verify on
+    if images:
+        predictor = load_student_predictor(cfg, checkpoint_path)
+        expected = student_predictions(cfg, checkpoint_path, images, predictor)
+        if "torchscript" in formats:
+            result["torchscript_max_difference"] = add_torchscript(release, predictor, images, expected, tolerance)
+        del predictor
+
+        def verify(directory, config_path, weights_path):
+            modules = [os.path.join(directory, m) for m in release.modules]
+            imports = [c.module for c in release.components if c.stock is None and not c.self_contained]
+            torchscript = os.path.join(directory, release.torchscript_name) if release.torchscript else ""
+            result.update(check_release(config_path, weights_path, modules, images, expected,
+                                        allow_d2kd=release.needs_d2kd, imports=imports,
+                                        d2kd_config=bool(release.extra_keys), torchscript=torchscript,
+                                        tolerance=tolerance))
+
+        check = verify
+    weights_path, config_path = write_release(release, output_dir, check)
+    ts_path = os.path.join(os.path.dirname(config_path), release.torchscript_name) if release.torchscript else None
+    return ExportResult(weights_path, config_path, release, ts_path, result)
 
 
 # Runs in a fresh interpreter with stock detectron2 only: d2kd imports are blocked.
-RELEASE_CHECK_SCRIPT = r'''
+RELEASE_CHECK_SCRIPT = r"""
 import importlib, importlib.abc, json, os, runpy, sys
 
 args = json.loads(sys.argv[1])
@@ -550,15 +724,17 @@ for module in args["modules"]:
     runpy.run_path(module)  # registers what the config needs, as a consumer would
 for name in args["imports"]:
     importlib.import_module(name)  # a release that says it needs d2kd
+path = args["config"]
 cfg = get_cfg()
 if args["d2kd_config"]:
     from d2kd.config import add_distill_config
 
     add_distill_config(cfg)
-cfg.merge_from_file(args["config"])
-if os.path.basename(cfg.MODEL.WEIGHTS) != os.path.basename(args["weights"]):
-    fail(f"MODEL.WEIGHTS is {cfg.MODEL.WEIGHTS}, not the release's weights")
-cfg.MODEL.WEIGHTS = args["weights"]  # the same file, before the release is moved into place
+cfg.merge_from_file(path)
+# the loading snippet of the config's header, word for word: paths relative to the config
+cfg.MODEL.WEIGHTS = os.path.join(os.path.dirname(path), cfg.MODEL.WEIGHTS)
+if os.path.abspath(cfg.MODEL.WEIGHTS) != os.path.abspath(args["weights"]):
+    fail(f"MODEL.WEIGHTS resolves to {cfg.MODEL.WEIGHTS}, not to the release's weights")
 cfg.freeze()
 state = torch.load(args["weights"], map_location="cpu", weights_only=True)["model"]
 own = build_model(cfg).state_dict()
@@ -569,35 +745,45 @@ if missing or unexpected or wrong:
     fail(f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
 predictor = DefaultPredictor(cfg)
 expected = torch.load(args["expected"], weights_only=True)
-worst, detections = 0.0, 0
-for file, exp in zip(args["images"], expected):
-    inst = predictor(cv2.imread(file))["instances"].to("cpu")
-    if len(inst) != len(exp["classes"]) or not torch.equal(inst.pred_classes, exp["classes"]):
-        fail(f"different detections on {file}: {len(inst)} instead of {len(exp['classes'])}")
-    if len(inst):
-        worst = max(worst, (inst.pred_boxes.tensor - exp["boxes"]).abs().max().item(),
-                    (inst.scores - exp["scores"]).abs().max().item())
-    detections += len(inst)
-if worst > args["tolerance"]:
-    fail(f"predictions differ by up to {worst:g}")
-print("D2KD_RELEASE_CHECK " + json.dumps({
-    "images": len(args["images"]), "detections": detections, "max_difference": worst,
-    "d2kd_imported": any(m == "d2kd" or m.startswith("d2kd.") for m in sys.modules),
-}))
-'''
+# d2kd/deploy.py by its path (it imports only torch and detectron2): how a TorchScript
+# consumer resizes, calls and rescales
+deployment = runpy.run_path(args["deploy_module"]) if args["torchscript"] else None
+predictors = [("eager", lambda image: predictor(image)["instances"].to("cpu"))]
+if deployment:
+    predictors.append(("torchscript", deployment["TorchScriptPredictor"](args["torchscript"], cfg)))
+report = {"images": len(args["images"]), "d2kd_imported": False}
+for label, predict in predictors:
+    got = [predict(cv2.imread(file)) for file in args["images"]]
+    report["detections"] = sum(len(i) for i in got)
+    worst = 0.0
+    for file, inst, exp in zip(args["images"], got, expected):
+        if len(inst) != len(exp["classes"]) or not torch.equal(inst.pred_classes, exp["classes"]):
+            fail(f"{label}: different detections on {file}: {len(inst)} instead of {len(exp['classes'])}")
+        if len(inst):
+            worst = max(worst, (inst.pred_boxes.tensor - exp["boxes"]).abs().max().item(),
+                        (inst.scores - exp["scores"]).abs().max().item())
+    if worst > args["tolerance"]:
+        fail(f"{label}: predictions differ by up to {worst:g} (tolerance {args['tolerance']:g})")
+    report["max_difference" if label == "eager" else "torchscript_max_difference"] = worst
+report["d2kd_imported"] = any(m == "d2kd" or m.startswith("d2kd.") for m in sys.modules)
+print("D2KD_RELEASE_CHECK " + json.dumps(report))
+"""
 
 
 def check_release(config_path: str, weights_path: str, module_paths: Sequence[str], image_files: Sequence[str],
-                  expected: List[dict], allow_d2kd: bool = False, tolerance: float = 1e-4,
-                  timeout: float = 600, imports: Sequence[str] = (), d2kd_config: bool = False) -> dict:
+                  expected: List[dict], allow_d2kd: bool = False, tolerance: float = deploy.DEFAULT_TOLERANCE,
+                  timeout: float = 600, imports: Sequence[str] = (), d2kd_config: bool = False,
+                  torchscript: str = "") -> dict:
     """Load the release in a separate Python process with stock detectron2 only (any d2kd
     import fails there, unless ``allow_d2kd`` for a release that says it needs d2kd: then
     ``imports`` are imported and ``d2kd_config`` adds d2kd's config keys), strictly (no
-    missing, unexpected or mis-shaped key), run DefaultPredictor on ``image_files`` and
-    compare with ``expected``.
+    missing, unexpected or mis-shaped key), with the loading snippet of the config's header,
+    run DefaultPredictor on ``image_files`` and compare with ``expected``; the same for the
+    ``torchscript`` file when given (boxes in pixels and scores within ``tolerance``, classes
+    equal).
 
     Returns:
-        {"images", "detections", "max_difference", "d2kd_imported"}
+        {"images", "detections", "max_difference", "d2kd_imported"[, "torchscript_max_difference"]}
     """
     with tempfile.TemporaryDirectory(prefix="d2kd_release_check_") as work:
         expected_path = os.path.join(work, "expected.pth")
@@ -605,7 +791,7 @@ def check_release(config_path: str, weights_path: str, module_paths: Sequence[st
         args = {"config": config_path, "weights": weights_path, "modules": list(module_paths),
                 "images": [os.path.abspath(f) for f in image_files], "expected": expected_path,
                 "allow_d2kd": allow_d2kd, "tolerance": tolerance, "imports": list(imports),
-                "d2kd_config": d2kd_config}
+                "d2kd_config": d2kd_config, "torchscript": torchscript, "deploy_module": deploy.__file__}
         proc = subprocess.run(
             [sys.executable, "-c", RELEASE_CHECK_SCRIPT, json.dumps(args)],
             cwd=work, capture_output=True, text=True, timeout=timeout,

@@ -31,8 +31,13 @@ from detectron2.engine import DefaultPredictor
 
 for module in sys.argv[2:]:
     runpy.run_path(module)
+import os
+
+path = sys.argv[1]
 cfg = get_cfg()
-cfg.merge_from_file(sys.argv[1])
+cfg.merge_from_file(path)
+# the loading snippet at the top of a release's config.yaml: paths relative to the config
+cfg.MODEL.WEIGHTS = os.path.join(os.path.dirname(path), cfg.MODEL.WEIGHTS)
 predictor = DefaultPredictor(cfg)
 print("instances:", len(predictor(np.zeros((64, 64, 3), dtype=np.uint8))["instances"]))
 '''
@@ -74,7 +79,7 @@ def test_exported_student_loads_in_stock_detectron2_and_predicts_the_same(tmp_pa
 
     files = sorted(os.listdir(tmp_path / "release"))
     weights = [f for f in files if f.endswith(".pth")]
-    assert files == sorted(weights + ["config.yaml"])
+    assert files == sorted(weights + ["config.yaml", "release.json"])
     assert len(weights) == 1 and re.fullmatch(r"model_final_[0-9a-f]{6}\.pth", weights[0])
     state = torch.load(tmp_path / "release" / weights[0], weights_only=True)["model"]
     assert not [k for k in state if k.startswith(("distill_heads", "prototype_bank"))]
@@ -123,10 +128,12 @@ def test_a_student_with_a_d2kd_only_backbone_ships_the_module_and_says_so(tmp_pa
                      proc.stdout)
     assert f"run_path('{release}/basic_resnet.py')" in proc.stdout
     assert "verified: stock detectron2 (plus the module(s) above, no d2kd)" in proc.stdout
-    assert sorted(os.listdir(release)) == sorted(["basic_resnet.py", "config.yaml", _weights_name(release)])
+    assert sorted(os.listdir(release)) == sorted(["basic_resnet.py", "config.yaml", "release.json",
+                                                  _weights_name(release)])
     header = open(release / "config.yaml").read().split("\n_BASE_")[0].split("\nCUDNN")[0]
-    assert header.startswith("# A distilled student exported by d2kd")
-    assert "build_basic_resnet_fpn_backbone" in header and f"runpy.run_path('{release}/basic_resnet.py')" in header
+    assert header.startswith("# A detector exported by d2kd")
+    assert "build_basic_resnet_fpn_backbone" in header
+    assert "runpy.run_path(os.path.join(os.path.dirname(path), 'basic_resnet.py'))" in header
     # what a consumer sees: stock detectron2 alone fails as the issue says; with the module it loads
     bare = _consumer(str(release / "config.yaml"))
     assert bare.returncode != 0 and "build_basic_resnet_fpn_backbone" in bare.stderr
@@ -148,7 +155,7 @@ def test_a_d2kd_backbone_that_a_stock_builder_expresses_is_exported_as_the_stock
     assert "needs: stock detectron2 only" in proc.stdout
     assert "stock build_resnet_fpn_backbone builds the same model" in proc.stdout
     assert "verified: stock detectron2 (no d2kd)" in proc.stdout  # same predictions as d2kd's builder
-    assert sorted(os.listdir(release)) == sorted(["config.yaml", _weights_name(release)])
+    assert sorted(os.listdir(release)) == sorted(["config.yaml", "release.json", _weights_name(release)])
     plain = get_cfg()
     plain.merge_from_file(str(release / "config.yaml"))
     assert plain.MODEL.BACKBONE.NAME == "build_resnet_fpn_backbone"
@@ -185,14 +192,14 @@ def test_a_failed_check_publishes_nothing_and_an_earlier_release_stays(tmp_path)
     torch.save({"model": other}, tmp_path / "other.pth")
     with pytest.raises(ReleaseCheckError):
         export_student(cfg, str(tmp_path / "other.pth"), str(tmp_path / "release"), check=failing_check)
-    assert sorted(os.listdir(tmp_path / "release")) == sorted(["config.yaml", os.path.basename(first)])
+    assert sorted(os.listdir(tmp_path / "release")) == sorted(["config.yaml", "release.json", os.path.basename(first)])
     assert not [f for f in os.listdir(tmp_path) if ".tmp." in f]
     second, _ = export_student(cfg, str(tmp_path / "other.pth"), str(tmp_path / "release"))
     assert second != first and sorted(os.listdir(tmp_path / "release")) == sorted(
-        ["config.yaml", os.path.basename(second)])
+        ["config.yaml", "release.json", os.path.basename(second)])
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not an earlier d2kd release"):
+    with pytest.raises(ValueError, match="is not a release d2kd wrote"):
         export_student(cfg, weights, str(tmp_path / "notes"))
 
 
@@ -233,3 +240,58 @@ def test_export_of_a_corrupt_checkpoint_says_so(tmp_path):
         export_student(cfg, str(bad), str(tmp_path / "release"))
     assert "weights_only=False" not in str(err.value) and "weights_only` set to `False" not in str(err.value)
     assert not (tmp_path / "release").exists()
+
+
+def _folder(path, files):
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return {name: (path / name).read_text() for name in files}
+
+
+def test_a_folder_that_is_not_a_release_is_refused_and_left_as_it_was(tmp_path):
+    """Issue 20, item 2: a user's folder holding a config.yaml, a checkpoint and a script was
+    taken for an earlier release and wiped, exit 0. Only a folder whose manifest lists exactly
+    its files is replaced."""
+    cfg, weights = _distill_checkpoint(tmp_path, "build_resnet_fpn_backbone", res2=64)
+    config_file = write_yaml(cfg, tmp_path / "student.yaml")
+    mine = tmp_path / "work"
+    before = _folder(mine, {"config.yaml": "MODEL: {}\n", "teacher.pth": "weights", "train.py": "print(1)\n"})
+    proc = _export("--config-file", config_file, "--weights", weights, "--output-dir", str(mine))
+    assert proc.returncode != 0
+    assert f"--output-dir {mine} is not a release d2kd wrote (it has no release.json)" in proc.stderr
+    assert "nothing was written" in proc.stderr and "Traceback" not in proc.stderr
+    assert {f: (mine / f).read_text() for f in os.listdir(mine)} == before
+
+    # a release, then a file of the user's put into it: refused too, naming the file
+    release = tmp_path / "release"
+    assert _export("--config-file", config_file, "--weights", weights, "--output-dir", str(release)).returncode == 0
+    (release / "notes.txt").write_text("mine")
+    proc = _export("--config-file", config_file, "--weights", weights, "--output-dir", str(release))
+    assert proc.returncode != 0 and "also holds files the release did not write (notes.txt)" in proc.stderr
+    assert (release / "notes.txt").read_text() == "mine"
+    # the release as written is replaced (its manifest lists exactly what it holds)
+    os.remove(release / "notes.txt")
+    assert _export("--config-file", config_file, "--weights", weights, "--output-dir", str(release)).returncode == 0
+
+
+def test_a_release_loads_from_wherever_it_is_moved(tmp_path):
+    """Issue 20, item 3: config.yaml stored absolute paths, so a moved release failed with
+    'Checkpoint ... not found'. MODEL.WEIGHTS is relative to the config and the documented
+    snippet (the consumer here, and d2kd.export.load_release_config) resolves it."""
+    import shutil
+
+    from d2kd.export import load_release_config
+
+    cfg, weights = _distill_checkpoint(tmp_path, "build_basic_resnet_fpn_backbone", res2=32)
+    config_file = write_yaml(cfg, tmp_path / "narrow.yaml")
+    proc = _export("--config-file", config_file, "--weights", weights, "--output-dir", str(tmp_path / "release"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = open(tmp_path / "release" / "config.yaml").read()
+    assert str(tmp_path) not in text, "no absolute path of the place it was written"
+    moved = tmp_path / "elsewhere" / "shipped"
+    shutil.move(str(tmp_path / "release"), str(moved))
+    consumer = _consumer(str(moved / "config.yaml"), str(moved / "basic_resnet.py"))
+    assert consumer.returncode == 0 and "instances:" in consumer.stdout, consumer.stderr[-2000:]
+    loaded = load_release_config(str(moved / "config.yaml"))
+    assert os.path.isfile(loaded.MODEL.WEIGHTS) and os.path.dirname(loaded.MODEL.WEIGHTS) == str(moved)
