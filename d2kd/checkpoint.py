@@ -158,13 +158,33 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
     def resume_or_load(self, path: str, *, resume: bool = True):
         if not (resume and self.has_checkpoint()):
             return super().resume_or_load(path, resume=resume)
+        self._check_last_checkpoint()
         try:
             return super().resume_or_load(path, resume=resume)
         except CheckpointReadError as e:
             raise CheckpointReadError(
                 f"{e}. To resume from an earlier checkpoint, write its file name into "
                 f"{os.path.join(self.save_dir, 'last_checkpoint')}"
-            ) from e.__cause__
+            ) from None
+
+    def _check_last_checkpoint(self) -> None:
+        """``last_checkpoint`` must name a file that exists (fvcore asserts it, bare)."""
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        named = self.get_checkpoint_file()
+        if named and os.path.isfile(named):
+            return
+        try:
+            with open(tag) as f:
+                content = f.read().strip()
+        except OSError:  # removed meanwhile: fvcore then starts from MODEL.WEIGHTS
+            return
+        problem = (f"{tag} is empty" if not content
+                   else f"{tag} names {content!r}, which does not exist in {self.save_dir}")
+        present = sorted(f for f in os.listdir(self.save_dir) if f.startswith("model_") and f.endswith(".pth"))
+        fix = (f"write the file name of one of its checkpoints into it ({', '.join(present[-3:])})" if present
+               else "there is no checkpoint to resume from: delete it (or run without --resume) to "
+               "start afresh")
+        raise CheckpointReadError(f"cannot resume: {problem}. To resume, {fix}")
 
     def _torch_load(self, f):
         # DetectionCheckpointer's hook for everything but .pkl / .pyth
@@ -174,10 +194,12 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         try:
             return super()._load_file(filename)
         except Exception as e:
+            # ``from None``: a chained traceback would print torch's own text, which advises
+            # weights_only=False (running the file's code). It stays reachable as __context__.
             raise CheckpointReadError(
                 f"could not read checkpoint '{filename}': {describe_load_error(e)}. The file is "
                 "corrupt, truncated, or not a checkpoint"
-            ) from e
+            ) from None
 
 
 class StrictDetectionCheckpointer(AtomicDetectionCheckpointer):

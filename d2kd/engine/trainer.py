@@ -8,18 +8,19 @@ import weakref
 
 import torch
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoint import AtomicDetectionCheckpointer
+from ..data.mapper import ImageNamingMapper
 from ..data.shapes import DATASET_PREFIX as SHAPES_PREFIX
 from ..data.shapes import ensure_shapes_generated
 from ..utils.atomic import remove_stale_temporaries
 from ..utils.logging import setup_d2kd_logger
+from .resume import DistillCheckpointer, ResumePastMaxIterError
 
 logger = logging.getLogger(__name__)
 
@@ -165,13 +166,37 @@ class DistillTrainer(DefaultTrainer):
         trainer_cls = DistillAMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicDetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, allow_pickle=allow_pickle(cfg), trainer=weakref.proxy(self)
+        # atomic saves, safe loads, and a resume that checks the distillation set-up first
+        self.checkpointer = DistillCheckpointer(
+            model, cfg.OUTPUT_DIR, cfg=cfg, allow_pickle=allow_pickle(cfg), trainer=weakref.proxy(self)
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        """DefaultTrainer.resume_or_load; a resume that leaves nothing to train says so: at
+        ``SOLVER.MAX_ITER`` (a finished run) in the log, past it as an error."""
+        super().resume_or_load(resume=resume)
+        if not (resume and self.checkpointer.has_checkpoint()) or self.start_iter < self.max_iter:
+            return
+        done = self.start_iter - 1
+        if self.start_iter > self.max_iter:
+            raise ResumePastMaxIterError(
+                f"--resume: the checkpoint {self.checkpointer.get_checkpoint_file()} ended iteration "
+                f"{done}, past SOLVER.MAX_ITER = {self.max_iter}: nothing would be trained and no "
+                f"model_final.pth written. To train on, set SOLVER.MAX_ITER above {done + 1}; to use "
+                "the checkpoint as it is, evaluate it (--eval-only MODEL.WEIGHTS <it>) or export it"
+            )
+        logger.info(f"Resumed a finished run (iteration {done} of SOLVER.MAX_ITER = {self.max_iter}): "
+                    "nothing left to train")
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's train loader; an image that cannot be read is named in the error."""
+        mapper = ImageNamingMapper(DatasetMapper(cfg, True), cfg.DATASETS.TRAIN)
+        return build_detection_train_loader(cfg, mapper=mapper)
 
     def build_hooks(self):
         ret = super().build_hooks()

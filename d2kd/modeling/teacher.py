@@ -72,8 +72,9 @@ def check_same_classes(student: nn.Module, student_kind: DetectorKind, teacher: 
         )
 
 
-def load_teacher_weights(teacher, weights: str, allow_pickle: bool = False) -> None:
+def load_teacher_weights(teacher, weights: str, allow_pickle: bool = False) -> str:
     """Load ``weights`` into ``teacher`` with its own checkpointer; every mismatch is an error.
+    Returns the local file read (a download's cache path for a URL).
 
     The teacher gets its own checkpointer (so suffix matching never sees the student), and any
     missing, unexpected or mis-shaped key raises, summarised. A ``.pth`` is read with
@@ -95,6 +96,14 @@ def load_teacher_weights(teacher, weights: str, allow_pickle: bool = False) -> N
         raise TeacherConfigError(
             f"DISTILL.TEACHER.WEIGHTS = '{weights}' could not be fetched: {e}"
         ) from e
+    if os.path.isdir(local):
+        found = sorted(f for f in os.listdir(local) if f.endswith((".pth", ".pkl")))
+        example = "model_final.pth" if "model_final.pth" in found else (found[-1] if found else "")
+        raise IsADirectoryError(
+            f"DISTILL.TEACHER.WEIGHTS = '{weights}' is a directory, not a checkpoint file. Point "
+            "the key at the teacher's checkpoint in it"
+            + (f", e.g. {os.path.join(weights, example)}" if example else " (it holds no .pth or .pkl file)")
+        )
     if not os.path.isfile(local):
         raise FileNotFoundError(
             f"DISTILL.TEACHER.WEIGHTS = '{weights}' does not exist. Train the teacher first, or "
@@ -121,5 +130,6 @@ def load_teacher_weights(teacher, weights: str, allow_pickle: bool = False) -> N
         raise TeacherConfigError(
             f"DISTILL.TEACHER.WEIGHTS: {e}. Copy the teacher's checkpoint again, or point the key "
             "at another (e.g. the teacher's OUTPUT_DIR/model_final.pth)"
-        ) from e
+        ) from None  # torch's own text (kept as __context__) advises weights_only=False
     logger.info(f"Loaded teacher weights from {weights}")
+    return local

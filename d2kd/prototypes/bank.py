@@ -48,8 +48,6 @@ class PrototypeBank(nn.Module):
         strides = select_strides(
             cfg.DISTILL.PROTOTYPES.STRIDES, student_shapes, teacher_shapes, "DISTILL.PROTOTYPES.STRIDES"
         )
-        if cfg.DISTILL.PROTOTYPES.NUM < 1:
-            raise ValueError(f"DISTILL.PROTOTYPES.NUM must be >= 1, got {cfg.DISTILL.PROTOTYPES.NUM}")
         return cls(
             strides,
             {s: student_shapes[s].channels for s in strides},
@@ -79,9 +77,7 @@ class PrototypeBank(nn.Module):
         for name in own:
             if prefix + name not in missing_keys:
                 missing_keys.append(prefix + name)
-        with torch.no_grad():
-            for name, buf in own.items():
-                buf.fill_(-1.0 if name.startswith("source_") else 0)
+        self.clear()
         if int(saved_builds) > 0:
             self.rebuild_reason = (
                 f"the checkpoint's prototype bank does not fit this model ({len(problems)} of its "
@@ -94,6 +90,16 @@ class PrototypeBank(nn.Module):
                 f"{self.rebuild_reason}. The bank is left unbuilt and will be rebuilt at the next "
                 "training step (from DISTILL.PROTOTYPES.START_ITER on), not restored"
             )
+
+    @torch.no_grad()
+    def clear(self, reason: str = "") -> None:
+        """Make the bank unbuilt (no valid prototype, ``num_builds`` 0): the refresh hook then
+        rebuilds it at the next step; ``reason`` goes into its log line."""
+        for name, buf in self._buffers.items():
+            if name not in self._non_persistent_buffers_set:
+                buf.fill_(-1.0 if name.startswith("source_") else 0)
+        if reason:
+            self.rebuild_reason = reason
 
     # ---- access ----
     def student(self, stride: int) -> Tensor:
