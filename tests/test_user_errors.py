@@ -42,7 +42,7 @@ class _RunsCode:
 # Item 1: no message the user sees passes on torch's advice to set weights_only=False
 
 
-@pytest.mark.parametrize("where", ["resume", "MODEL.WEIGHTS", "DISTILL.TEACHER.WEIGHTS"])
+@pytest.mark.parametrize("where", ["resume", "MODEL.WEIGHTS", "DISTILL.TEACHER.WEIGHTS", "--eval-only"])
 def test_a_file_that_carries_code_is_refused_and_torch_advice_never_reaches_the_output(
         tmp_path, shapes_cache, where):
     cfg = training_cfg(tmp_path, max_iter=1)
@@ -55,6 +55,8 @@ def test_a_file_that_carries_code_is_refused_and_torch_advice_never_reaches_the_
         evil = evil.rename(os.path.join(cfg.OUTPUT_DIR, "model_0000009.pth"))
         (tmp_path / "out" / "last_checkpoint").write_text("model_0000009.pth")
         opts = ["--resume"]
+    elif where == "--eval-only":
+        opts = [where, "MODEL.WEIGHTS", str(evil)]
     else:
         opts = [where, str(evil)]
     config_file = write_yaml(cfg, tmp_path / "distill.yaml")
@@ -156,3 +158,9 @@ def test_resume_past_max_iter_is_an_error_that_says_nothing_was_trained(tmp_path
     assert "--eval-only MODEL.WEIGHTS" in log
     assert "Starting training" not in log
     assert sorted(f for f in os.listdir(out) if ".pth" in f) == before  # no checkpoint written
+    # at SOLVER.MAX_ITER the run is finished: said in the log, not an error
+    cfg.defrost()
+    cfg.SOLVER.MAX_ITER = 2
+    finished = DistillTrainer(cfg)
+    finished.resume_or_load(resume=True)
+    assert finished.start_iter == finished.max_iter == 2
