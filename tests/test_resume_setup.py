@@ -137,3 +137,17 @@ def test_resume_with_the_same_teacher_at_another_path_is_quiet(tmp_path, shapes_
     assert resumed.start_iter == 2
     assert resumed.model.prototype_bank.is_built  # restored, not cleared
     assert not [r.getMessage() for r in records if "TEACHER" in r.getMessage()]
+
+
+def test_a_teacher_is_another_only_when_both_contents_are_known_and_differ():
+    from d2kd.engine.resume import teacher_change
+
+    def record(weights, sha):
+        return {"teacher": {"weights": weights, "sha256": sha}}
+
+    assert teacher_change(record("a.pth", "1" * 64), record("moved/a.pth", "1" * 64)) == ""
+    assert teacher_change(None, record("a.pth", "1" * 64)) == ""  # a checkpoint without a record
+    assert teacher_change(record("a.pth", ""), record("a.pth", "2" * 64)) == ""  # file gone at save
+    assert teacher_change(record("a.pth", "1" * 64), record("b.pth", "2" * 64)).startswith(
+        "THE TEACHER CHANGED SINCE THIS CHECKPOINT: it was trained with DISTILL.TEACHER.WEIGHTS = 'a.pth' "
+        "(sha256 111111111111), this run's teacher is 'b.pth' (sha256 222222222222)")

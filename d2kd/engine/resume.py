@@ -2,8 +2,9 @@
 teacher, or past SOLVER.MAX_ITER.
 
 Every training checkpoint carries a record of the run's distillation set-up (meta-architecture,
-heads, their config values, the shapes of their parameters and buffers, and the teacher's
-weights with their SHA-256). On ``--resume`` the record is compared with the config's model:
+heads, their config values, the teacher's weights with their SHA-256). On ``--resume`` it is
+compared with the config's model, and the heads' parameters and buffers in the checkpoint's
+model state with the model's, by name and shape (so checkpoints without a record are checked too):
 
 * another meta-architecture, other ``DISTILL.HEADS`` or distillation state of other names or
   shapes (e.g. other ``GK.STRIDES``) is refused, saying what changed and how to start a new run
@@ -36,7 +37,7 @@ class ResumeMismatchError(ValueError):
 
 
 class ResumePastMaxIterError(ValueError):
-    """``--resume`` from a checkpoint at or past ``SOLVER.MAX_ITER``: nothing would be trained."""
+    """``--resume`` from a checkpoint past ``SOLVER.MAX_ITER``: nothing would be trained."""
 
 
 @lru_cache(maxsize=8)
@@ -76,7 +77,11 @@ def setup_record(model, cfg) -> dict:
                 values[f"{path}.{name}"] = _plain(value)
     teacher = None
     if distill and getattr(model, "teacher_weights_file", None):
-        teacher = {"weights": cfg.DISTILL.TEACHER.WEIGHTS, "sha256": file_sha256(model.teacher_weights_file)}
+        try:
+            sha = file_sha256(model.teacher_weights_file)
+        except OSError:  # e.g. a download cache cleaned since the teacher was loaded: unknown
+            sha = ""
+        teacher = {"weights": cfg.DISTILL.TEACHER.WEIGHTS, "sha256": sha}
     return {
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
         "heads": sorted(model.distill_heads) if distill else [],
@@ -134,7 +139,7 @@ def value_changes(saved: Optional[dict], current: dict) -> List[str]:
 def teacher_change(saved: Optional[dict], current: dict) -> str:
     """The warning for a checkpoint trained with another teacher ("" if the same or unknown)."""
     old, new = (saved or {}).get("teacher"), current.get("teacher")
-    if not old or not new or old["sha256"] == new["sha256"]:
+    if not old or not new or not old.get("sha256") or not new.get("sha256") or old["sha256"] == new["sha256"]:
         return ""
     return (f"THE TEACHER CHANGED SINCE THIS CHECKPOINT: it was trained with DISTILL.TEACHER.WEIGHTS = "
             f"'{old['weights']}' (sha256 {old['sha256'][:12]}), this run's teacher is '{new['weights']}' "
