@@ -52,7 +52,7 @@ def finished_gk(tmp_path_factory, shapes_cache):
     ("other heads", ["DISTILL.HEADS", "['defeat']"],
      ["DISTILL.HEADS: ['gk'] in the checkpoint, ['defeat'] now", "distillation parameters and buffers: "]),
     ("other GK strides", ["DISTILL.GK.STRIDES", "[8, 16]"],
-     ["DISTILL.GK.STRIDES: [] in the checkpoint, [8, 16] now",
+     ["DISTILL.GK.STRIDES: [] (every stride both models have) in the checkpoint, [8, 16] now",
       "distillation parameters and buffers: 6 of the checkpoint's absent now (distill_heads.gk.adapters"]),
     ("plain student", ["MODEL.META_ARCHITECTURE", "GeneralizedRCNN"],
      ["MODEL.META_ARCHITECTURE: DistillRCNN in the checkpoint, GeneralizedRCNN now",

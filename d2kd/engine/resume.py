@@ -94,6 +94,10 @@ def _heads_state(state: Dict) -> Dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in state.items() if k.startswith(HEADS_PREFIX)}
 
 
+def _shown(key: str, value) -> str:
+    return "[] (every stride both models have)" if key.endswith("STRIDES") and value == [] else str(value)
+
+
 def _first(keys: List[str], n: int = 2) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
@@ -116,7 +120,7 @@ def setup_changes(saved: Optional[dict], saved_state: Dict, current: dict, model
             for key, value in sorted(saved["values"].items()):
                 now = current["values"].get(key, value)
                 if now != value and any(w in key.rsplit(".", 1)[-1] for w in STRUCTURAL):
-                    changes.append(f"{key}: {value} in the checkpoint, {now} now")
+                    changes.append(f"{key}: {_shown(key, value)} in the checkpoint, {_shown(key, now)} now")
             if teacher_change(saved, current):
                 changes.append("DISTILL.TEACHER.WEIGHTS: another teacher (its channels shape the adapters)")
         absent = sorted(set(old) - set(new))
