@@ -106,6 +106,12 @@ def add_distill_config(cfg):
     _C.DISTILL.GK.LEVEL_REDUCTION = "auto"
     # Follow DISTILL.SCHEDULE.LINEAR_DECAY (the reference decays global and feature terms only).
     _C.DISTILL.GK.DECAY = True
+    # Global term (Eq. 6): "cosine" (smooth-L1 element mean of the robust-weighted rows of
+    # instance-to-prototype cosines, the authors' code) or "projection" (the paper's text: Eq. 5's
+    # coefficients with DISTILL.PROTOTYPES.ALPHA, summed over prototypes, divided by the instances).
+    _C.DISTILL.GK.GLOBAL_FORM = "cosine"
+    # Robust weights (Eq. 8) on the mask, the response rows and the global term; False: all 1.
+    _C.DISTILL.GK.ROBUST_WEIGHTS = True
 
     # PKD: 1/2 mean((S^ - T^)^2) of per-channel standardised FPN maps (docs/METHODS.md section 2).
     _C.DISTILL.PKD = CN()
@@ -133,6 +139,8 @@ def add_distill_config(cfg):
     # Student-side adapter, always present (the paper: 3x3 conv + ReLU).
     _C.DISTILL.FGFI.ADAPTER_KERNEL = 3
     _C.DISTILL.FGFI.ADAPTER_RELU = True
+    # Adapter init: "msra" (d2kd's adapters) or "trunc_normal" (FGFI's code: std 1e-4, within 2 std).
+    _C.DISTILL.FGFI.ADAPTER_INIT = "msra"
     _C.DISTILL.FGFI.DECAY = False
 
     # DeFeat: decoupled fg / bg feature imitation plus fg / bg RoI KL (docs/METHODS.md section 5).
@@ -173,6 +181,8 @@ def add_distill_config(cfg):
     _C.DISTILL.RANK_MIMIC.WEIGHT = 4.0
     # Scores softmaxed over the candidates: "sigmoid" (class probabilities) or "logits".
     _C.DISTILL.RANK_MIMIC.SCORES = "sigmoid"
+    # T of softmax(score / T) over the candidates (the spec: 1); < 1 sharpens sigmoid scores.
+    _C.DISTILL.RANK_MIMIC.TEMPERATURE = 1.0
     _C.DISTILL.RANK_MIMIC.DECAY = False
 
     # Prediction-guided Feature Imitation (docs/METHODS.md section 4): feature imitation per cell

@@ -107,6 +107,20 @@ def test_mask_cells_are_end_exclusive_and_at_least_one(tmp_path):
     assert torch.equal(weights[0], expected.float())  # no prototypes yet: weight 1
 
 
+def test_a_box_under_one_cell_wide_or_high_marks_one_cell_as_the_authors(tmp_path):
+    # 4 px wide and 32 px high at stride 8: x [floor(8/8), floor(12/8)) = [1, 1) is empty; the
+    # authors' code marks the one cell (y0, x0) = (1, 1), not the strip of rows 1-4 in column 1.
+    # Likewise 32 px wide and 4 px high: the one cell (5, 3).
+    gt = _gt([[8.0, 8.0, 12.0, 40.0], [24.0, 40.0, 56.0, 44.0]], [0, 1], size=(64, 64))
+    feats = {8: torch.zeros(1, 2, 8, 8)}
+    ctx = fake_context(feats, feats, [gt], num_classes=3, strides=(8,))
+    _, covered = instance_weight_map(ctx, step_instances(ctx, "gt"), 8, (8, 8))
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[1, 1] = True
+    expected[5, 3] = True
+    assert torch.equal(covered[0], expected)
+
+
 def _rois_context():
     """One image, one GT box, two sampled RoIs: a positive one offset from the GT box and a
     background one; student and teacher logits agree on the positive RoI only."""

@@ -216,6 +216,22 @@ def test_fgfi_loss_is_the_masked_imitation_over_twice_the_mask_area():
     assert loss.item() == pytest.approx(0.01 * expected.item(), rel=1e-5)
 
 
+def test_fgfi_adapter_init_msra_or_the_authors_truncated_normal():
+    cfg = head_cfg()
+    msra = FGFIHead(cfg, shapes(64), shapes(64)).adapters.adapters["s8"][0]
+    assert msra.weight.std().item() > 1e-2 and (msra.bias == 0).all()
+    cfg.DISTILL.FGFI.ADAPTER_INIT = "trunc_normal"
+    torch.manual_seed(0)
+    conv = FGFIHead(cfg, shapes(64), shapes(64)).adapters.adapters["s8"][0]
+    # FGFI's code: normal(0, 1e-4) cut at 2 std; the bias keeps PyTorch's default
+    assert conv.weight.abs().max().item() <= 2e-4
+    assert conv.weight.std().item() == pytest.approx(0.88e-4, rel=0.1)  # std of a 2-std truncated normal
+    assert conv.bias.abs().max().item() > 1e-3
+    cfg.DISTILL.FGFI.ADAPTER_INIT = "zeros"
+    with pytest.raises(ValueError, match="DISTILL.FGFI.ADAPTER_INIT must be one of"):
+        FGFIHead(cfg, shapes(4), shapes(4))
+
+
 def test_fgfi_waits_for_its_start_iteration_without_running_the_teacher(tmp_path):
     cfg = distill_cfg(tmp_path, heads=["fgfi"])
     assert cfg.DISTILL.FGFI.START_ITER == 400

@@ -146,6 +146,22 @@ def test_rank_mimic_one_gt_three_candidates_is_the_hand_kl(scores):
     assert loss.item() == pytest.approx(4.0 * expected, rel=1e-5)  # default weight 4
 
 
+@pytest.mark.parametrize("temperature", [0.2, 2.0])
+def test_rank_mimic_temperature_divides_the_sigmoid_scores(temperature):
+    cfg = detector_cfg("retinanet")
+    cfg.DISTILL.RANK_MIMIC.TEMPERATURE = temperature
+    rm = head(RankMimicHead, cfg)
+    s, t = [0.5, -1.0, 2.0], [1.5, 0.3, -0.7]
+    loss = rm(rm_context(s, t)[0])["loss_distill_rank_mimic"]
+    sig = [1 / (1 + math.exp(-x)) for x in s], [1 / (1 + math.exp(-x)) for x in t]
+    expected = hand_kl(softmax([x / temperature for x in sig[1]]), softmax([x / temperature for x in sig[0]]))
+    assert loss.item() == pytest.approx(4.0 * expected, rel=1e-5)
+    from d2kd.value_checks import problems
+
+    cfg.DISTILL.RANK_MIMIC.TEMPERATURE = 0.0  # checked by its name, as every temperature
+    assert problems(cfg, ["DISTILL.RANK_MIMIC"]) == ["DISTILL.RANK_MIMIC.TEMPERATURE = 0.0: must be > 0"]
+
+
 def test_rank_mimic_keeps_the_anchor_correspondence():
     rm = head(RankMimicHead)
     s, t = [0.5, -1.0, 2.0], [1.5, 0.3, -0.7]

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ..structures import AnchorMatches, assign_box_levels
-from .adapters import StrideAdapters
+from .adapters import ADAPTER_INITS, StrideAdapters
 from .base import DistillHead
 from .functional import crop_to_common
 from .registry import DISTILL_HEAD_REGISTRY
@@ -95,7 +95,8 @@ class FGFIHead(DistillHead):
         self.start_iter = node.START_ITER
         self.strides = self.select_strides(node.STRIDES, student_shapes, teacher_shapes, "DISTILL.FGFI.STRIDES")
         self.adapters = StrideAdapters(
-            self.strides, student_shapes, teacher_shapes, "always", node.ADAPTER_KERNEL, node.ADAPTER_RELU
+            self.strides, student_shapes, teacher_shapes, "always", node.ADAPTER_KERNEL, node.ADAPTER_RELU,
+            init=self.choice(node.ADAPTER_INIT, ADAPTER_INITS, "DISTILL.FGFI.ADAPTER_INIT"),
         )
         self.requires = frozenset({"student.features", "teacher.features", "student.anchors"})
 

@@ -1,4 +1,5 @@
 """Global Knowledge distillation: GK's robust distillation module (docs/METHODS.md 1.4-1.5)."""
+from dataclasses import replace
 from typing import Dict
 
 import torch
@@ -9,16 +10,20 @@ from .adapters import StrideAdapters
 from .base import DistillHead
 from .functional import class_logit_requirements, crop_to_common, kl_per_row, paired_class_logits, weighted_mean
 from .registry import DISTILL_HEAD_REGISTRY
-from .robust_weights import INSTANCE_SOURCES, global_relation_loss, instance_weight_map, step_instances
+from .robust_weights import GLOBAL_FORMS, INSTANCE_SOURCES, global_relation_loss, instance_weight_map, step_instances
 
 
 @DISTILL_HEAD_REGISTRY.register()
 class GKHead(DistillHead):
     """The three RDM terms of GK.
 
-    - ``loss_distill_gk_global``: per stride, smooth-L1 between the robust-weighted rows of
-      cosines of each instance assigned there to all prototypes (all classes), student space
-      vs teacher space (Eq. 6), summed over strides.
+    - ``loss_distill_gk_global`` (Eq. 6), from the cosines of each instance assigned to a
+      stride to all prototypes (all classes) of that stride, student space vs teacher space.
+      ``GLOBAL_FORM "cosine"``: per stride, smooth-L1 mean over the elements of the
+      robust-weighted rows, summed over strides (the authors' code). ``"projection"``: Eq. 5's
+      coefficients (consistency weight ``DISTILL.PROTOTYPES.ALPHA``), per instance its robust
+      weight times the smooth-L1 distance of its coefficients summed over the prototypes,
+      summed over strides and divided by the number of instances (the paper's text).
     - ``loss_distill_gk_fg`` / ``_bg``: decoupled feature imitation through an adapter,
       ``sum((A(F_s) - F_t)^2 * M) / max(1, 2 C sum(M))`` (a mean over channels); foreground
       cells weighted by the robust weight of the instance assigned to that stride that covers
@@ -30,7 +35,8 @@ class GKHead(DistillHead):
 
     Instances are the positive sampled RoIs (two-stage, the authors' choice) or the GT boxes
     (``DISTILL.GK.INSTANCES``). Until the prototype bank is first built, robust weights are 1
-    and the global term is 0. With LINEAR_DECAY the global and feature terms decay to 0 (the
+    and the global term is 0; ``ROBUST_WEIGHTS False`` keeps them 1 in every term (the paper's
+    ablation without prototype weights). With LINEAR_DECAY the global and feature terms decay to 0 (the
     reference COCO config); the response term does not.
     """
 
@@ -58,6 +64,9 @@ class GKHead(DistillHead):
         reduction = self.choice(node.LEVEL_REDUCTION, ("auto", "mean", "sum"), "DISTILL.GK.LEVEL_REDUCTION")
         self.level_mean = reduction == "mean" or (reduction == "auto" and self.two_stage)
         self.global_weight = node.GLOBAL_WEIGHT
+        self.global_form = self.choice(node.GLOBAL_FORM, GLOBAL_FORMS, "DISTILL.GK.GLOBAL_FORM")
+        self.alpha = cfg.DISTILL.PROTOTYPES.ALPHA
+        self.robust = bool(node.ROBUST_WEIGHTS)
         self.fg_weight = node.FEATURE_WEIGHT * node.FG_WEIGHT
         self.bg_weight = node.FEATURE_WEIGHT * node.BG_WEIGHT
         self.response_weight = node.RESPONSE_WEIGHT
@@ -78,6 +87,8 @@ class GKHead(DistillHead):
     def forward(self, ctx) -> Dict[str, Tensor]:
         decay = self.decay_factor(ctx)
         instances = step_instances(ctx, self.instances)
+        if not self.robust:  # a copy: other heads share the step's instances
+            instances = replace(instances, weight=torch.ones_like(instances.weight))
         zero = ctx.zero_loss()
         loss_fg, loss_bg = zero, zero
         for s in self.strides:
@@ -88,7 +99,7 @@ class GKHead(DistillHead):
             bg = (~covered).float()
             loss_fg = loss_fg + (sq * fg).sum() / (2 * channels * fg.sum()).clamp(min=1.0)
             loss_bg = loss_bg + (sq * bg).sum() / (2 * channels * bg.sum()).clamp(min=1.0)
-        loss_global = global_relation_loss(ctx, instances, self.strides)
+        loss_global = global_relation_loss(ctx, instances, self.strides, self.global_form, self.alpha)
         if self.level_mean:
             loss_fg, loss_bg = loss_fg / len(self.strides), loss_bg / len(self.strides)
         losses = {
@@ -102,7 +113,7 @@ class GKHead(DistillHead):
         return losses
 
     def _response(self, ctx) -> Tensor:
-        student, teacher, weights = paired_class_logits(ctx, self.two_stage, self.response_rows, robust=True)
+        student, teacher, weights = paired_class_logits(ctx, self.two_stage, self.response_rows, robust=self.robust)
         # docs/METHODS.md 1.5: KL "mean over classes", so divide the per-row sum by the class count.
         kl = kl_per_row(student, teacher, self.temperature) / student.shape[-1]
         return weighted_mean(kl, weights)

@@ -53,8 +53,8 @@ class RankMimicHead(DistillHead):
 
     Per GT box j, its candidates are the anchors the student's own assignment makes positive
     for j (``ctx.anchors.gt_index``). At those anchors, both models' scores for j's class
-    (sigmoid probabilities, or logits with ``SCORES "logits"``) are soft-maxed over the
-    candidates, and the loss is ``KL(softmax(t) || softmax(s))``, averaged over the GT boxes
+    (sigmoid probabilities, or logits with ``SCORES "logits"``), divided by ``TEMPERATURE``,
+    are soft-maxed over the candidates, and the loss is ``KL(softmax(t) || softmax(s))``, averaged over the GT boxes
     that have candidates. The candidates keep their anchor correspondence (no sorting).
     Vectorised over all GT boxes of the batch. Produces ``loss_distill_rank_mimic``.
     """
@@ -66,6 +66,7 @@ class RankMimicHead(DistillHead):
         node = cfg.DISTILL.RANK_MIMIC
         self.weight = node.WEIGHT
         self.sigmoid = self.choice(node.SCORES, SCORE_KINDS, "DISTILL.RANK_MIMIC.SCORES") == "sigmoid"
+        self.temperature = node.TEMPERATURE
         self.requires = frozenset({"student.dense", "teacher.dense", "student.anchors", "paired_anchors"})
 
     def forward(self, ctx) -> Dict[str, Tensor]:
@@ -81,5 +82,6 @@ class RankMimicHead(DistillHead):
         sizes = torch.tensor([len(g) for g in ctx.gt_instances], device=gt_index.device)
         offsets = torch.cumsum(sizes, 0) - sizes
         segment = offsets[n_idx] + gt_index[n_idx, r_idx]
-        loss = rank_mimic_loss(student, teacher, segment)
+        t = self.temperature
+        loss = rank_mimic_loss(student.float() / t, teacher.float() / t, segment)
         return {self.loss_key(): loss * (self.weight * self.decay_factor(ctx))}

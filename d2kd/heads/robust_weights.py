@@ -77,17 +77,18 @@ def step_instances(ctx, source: str) -> StepInstances:
     return out
 
 
-def _cell_span(lo: Tensor, hi: Tensor, stride: int, size: int) -> Tuple[Tensor, Tensor]:
+def _cell_span(lo: Tensor, hi: Tensor, stride: int, size: int) -> Tuple[Tensor, Tensor, Tensor]:
     # Cells [floor(lo/s), floor(hi/s)) as the authors slice the mask (end exclusive), clamped
-    # to the map, at least one cell.
+    # to the map; also whether that span is empty (the box is under one cell here).
     first = torch.floor(lo / stride).long().clamp(0, size - 1)
     end = torch.floor(hi / stride).long().clamp(0, size)
-    return first, torch.maximum(end, first + 1)
+    return first, end, end <= first
 
 
 def instance_weight_map(ctx, instances: StepInstances, stride: int, size) -> Tuple[Tensor, Tensor]:
     """GK's mask M at one stride: each instance assigned to ``stride`` writes its robust
-    weight into the cells it covers (the largest where instances overlap).
+    weight into the cells it covers (the largest where instances overlap); an instance under
+    one cell wide or high covers the one cell its top-left corner falls in.
 
     Returns:
         (Tensor, Tensor): (N, H, W) weights (0 where uncovered) and (N, H, W) bool coverage.
@@ -99,8 +100,13 @@ def instance_weight_map(ctx, instances: StepInstances, stride: int, size) -> Tup
     n = len(ctx.gt_instances)
     here = instances.stride == stride
     boxes, batch, weights = instances.boxes[here], instances.batch[here], instances.weight[here]
-    x0, x1 = _cell_span(boxes[:, 0], boxes[:, 2], stride, w)
-    y0, y1 = _cell_span(boxes[:, 1], boxes[:, 3], stride, h)
+    x0, x1, x_empty = _cell_span(boxes[:, 0], boxes[:, 2], stride, w)
+    y0, y1, y_empty = _cell_span(boxes[:, 1], boxes[:, 3], stride, h)
+    # A box under one cell wide or high marks the single cell (y0, x0), as the authors' code
+    # does, not a strip of cells along its other side.
+    one_cell = x_empty | y_empty
+    x1 = torch.where(one_cell, x0 + 1, x1)
+    y1 = torch.where(one_cell, y0 + 1, y1)
     ys = torch.arange(h, device=boxes.device)
     xs = torch.arange(w, device=boxes.device)
     # (m, H, W) coverage of each instance; m, the instances at this stride, is small
@@ -142,18 +148,72 @@ def roi_robust_weights(ctx) -> Tensor:
     return ctx.cache["roi_robust"]
 
 
-def global_relation_loss(ctx, instances: StepInstances, strides) -> Tensor:
-    """GK's global term (Eq. 6) over ``strides``: per stride, smooth-L1 (mean) between
-    ``w * S_s`` and ``w * S_t``, the rows of cosines of the instances assigned there to all
-    valid prototypes in each space, ``w`` their robust weights; summed over strides. 0 (in
-    the graph) before the prototype bank's first build."""
+GLOBAL_FORMS = ("cosine", "projection")
+
+
+def projection_coefficients(cos_s: Tensor, cos_t: Tensor, alpha: float) -> Tuple[Tensor, Tensor]:
+    """Eq. 5's coefficients of unit-norm instances on unit-norm prototype pairs.
+
+    For an instance (a, b) and a prototype pair (u, v), p = u.a and q = v.b (cosines), the
+    coefficients minimising ``|a - c_s u|^2 + |b - c_t v|^2 + alpha (c_s - c_t)^2`` are
+    ``c_s = (alpha (p + q) + p) / (1 + 2 alpha)`` and ``c_t = (alpha (p + q) + q) / (1 + 2 alpha)``
+    (the pursuit step of PGM, docs/METHODS.md 1.2), so ``c_s - c_t = (p - q) / (1 + 2 alpha)``.
+
+    Args:
+        cos_s, cos_t (Tensor): (M, P) cosines of M instances to P prototypes in each space.
+    Returns:
+        (Tensor, Tensor): (M, P) student and teacher coefficients.
+    """
+    both = alpha * (cos_s + cos_t)
+    return (both + cos_s) / (1 + 2 * alpha), (both + cos_t) / (1 + 2 * alpha)
+
+
+def cosine_relation_loss(rows_s: Tensor, rows_t: Tensor, weight: Tensor) -> Tensor:
+    """The "cosine" global term of one stride: smooth-L1 (beta 1), mean over the (M, P)
+    elements, between ``w * rows_s`` and ``w * rows_t`` (``weight`` (M,)), as the authors'
+    code computes it."""
+    w = weight[:, None]
+    return smooth_l1_loss(w * rows_s, w * rows_t, beta=1.0, reduction="mean")
+
+
+def projection_relation_sum(rows_s: Tensor, rows_t: Tensor, weight: Tensor, alpha: float) -> Tensor:
+    """The "projection" global term of one stride before the division by N: for each
+    instance, its robust weight times the smooth-L1 (beta 1) distance between its Eq. 5
+    coefficients in the two spaces, summed over the P prototypes; summed over the M instances."""
+    c_s, c_t = projection_coefficients(rows_s, rows_t, alpha)
+    per_instance = smooth_l1_loss(c_s, c_t, beta=1.0, reduction="none").sum(dim=1)
+    return (weight * per_instance).sum()
+
+
+def global_relation_loss(ctx, instances: StepInstances, strides, form: str = "cosine", alpha: float = 10.0) -> Tensor:
+    """GK's global term (Eq. 6) over ``strides``, from the cosines of the instances assigned
+    to each stride to all valid prototypes (all classes) of that stride, in each space.
+
+    - ``"cosine"``: per stride :func:`cosine_relation_loss`, summed over strides.
+    - ``"projection"``: :func:`projection_relation_sum` over every stride, divided by N, the
+      instances that have features at a stride of the bank (the paper: "the total number of
+      instances").
+
+    The weights are ``instances.weight``. 0 (in the graph) before the prototype bank's first
+    build.
+    """
+    if form not in GLOBAL_FORMS:
+        raise ValueError(f"global form must be one of {GLOBAL_FORMS}, got '{form}'")
     total = ctx.zero_loss()
+    count = 0
     for s in strides:
         if s not in instances.features:
             continue
         index, f_s, f_t = instances.features[s]
+        count += len(index)
         rows_s, rows_t = ctx.prototype_bank.relation_rows(s, f_s, f_t)
-        if rows_s.numel() > 0:
-            w = instances.weight[index][:, None]
-            total = total + smooth_l1_loss(w * rows_s, w * rows_t, beta=1.0, reduction="mean")
+        if rows_s.numel() == 0:
+            continue
+        w = instances.weight[index]
+        if form == "cosine":
+            total = total + cosine_relation_loss(rows_s, rows_t, w)
+        else:
+            total = total + projection_relation_sum(rows_s, rows_t, w, alpha)
+    if form == "projection" and count > 0:
+        total = total / count
     return total
