@@ -16,6 +16,18 @@ The RM + PFI ablation (named methods only: RM alone, PFI alone, both on logits):
     python benchmarks/bench_shapes_seeds.py --pair retinanet --seeds 0 1 --output-dir output/one_stage/retinanet \
         --methods rm_pfi rm_only pfi_only rm_pfi_logits
 
+GK's ablation (the paper's Table 3: each term alone, each pair, all three without robust
+weights), the weights of the authors' code, and the global term's strength (named methods only)::
+
+    python benchmarks/bench_shapes_seeds.py --seeds 0 1 2 --output-dir output/demo --methods gk \
+        gk_global gk_feature gk_response gk_global_feature gk_global_response gk_feature_response \
+        gk_no_rw gk_authors_weights
+
+The RM + PFI strength sweep with sigmoid scores (RM temperature and weight, PFI weight)::
+
+    python benchmarks/bench_shapes_seeds.py --pair retinanet --seeds 0 --output-dir output/one_stage/retinanet \
+        --methods rm_pfi rm_pfi_t02 rm_pfi_t01 rm_pfi_rm40 rm_pfi_pfi50 rm_pfi_t02_pfi50
+
 Each pair's teacher (seed 0) is trained once and shared, as a released teacher would be; a
 method whose teacher is another pair's (``gk_from_faster``) uses that pair's teacher, trained
 once under ``<output-dir>/<pair>/teacher_seed0``. The student alone and each distilled
@@ -65,6 +77,47 @@ def _pair(name: str, methods: Dict[str, Method], default_methods: Sequence[str] 
 
 
 RM_PFI = _config("rank_mimic_retinanet_R_18_half_FPN_1k_withpfi_shapes.yaml")
+GK = _config("gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml")
+
+
+def _gk_options(**values) -> Tuple[str, ...]:
+    # weights as floats: yacs refuses an int for a float key
+    def text(value):
+        return str(float(value)) if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+    return tuple(x for key, value in values.items() for x in (f"DISTILL.GK.{key}", text(value)))
+
+
+# GK's terms switched off by weight 0 (the prototypes are still built: the robust weights of
+# the terms left on need them); run only when named
+GK_VARIANTS = {
+    "gk_global": _gk_options(FEATURE_WEIGHT=0, RESPONSE_WEIGHT=0),
+    "gk_feature": _gk_options(GLOBAL_WEIGHT=0, RESPONSE_WEIGHT=0),
+    "gk_response": _gk_options(GLOBAL_WEIGHT=0, FEATURE_WEIGHT=0),
+    "gk_global_feature": _gk_options(RESPONSE_WEIGHT=0),
+    "gk_global_response": _gk_options(FEATURE_WEIGHT=0),
+    "gk_feature_response": _gk_options(GLOBAL_WEIGHT=0),
+    "gk_no_rw": _gk_options(ROBUST_WEIGHTS=False),
+    # the authors' code: 5 on the global term, 1 on the response (the paper as read: 1 and 5)
+    "gk_authors_weights": _gk_options(GLOBAL_WEIGHT=5, RESPONSE_WEIGHT=1),
+    # the global term alone at other strengths and in the paper's projection form
+    **{f"gk_global_w{w}": _gk_options(FEATURE_WEIGHT=0, RESPONSE_WEIGHT=0, GLOBAL_WEIGHT=w) for w in (10, 100, 1000)},
+    "gk_global_projection": _gk_options(FEATURE_WEIGHT=0, RESPONSE_WEIGHT=0, GLOBAL_FORM="projection"),
+    **{f"gk_global_projection_w{w}": _gk_options(FEATURE_WEIGHT=0, RESPONSE_WEIGHT=0, GLOBAL_FORM="projection",
+                                                 GLOBAL_WEIGHT=w) for w in (100, 1000)},
+    # all three terms, the global one in the projection form or stronger
+    "gk_projection": _gk_options(GLOBAL_FORM="projection"),
+    **{f"gk_global_x{w}": _gk_options(GLOBAL_WEIGHT=w) for w in (10, 100)},
+}
+# The RM + PFI strength sweep, sigmoid scores kept
+RM_PFI_SWEEP = {
+    "rm_pfi_t02": ("DISTILL.RANK_MIMIC.TEMPERATURE", "0.2"),
+    "rm_pfi_t01": ("DISTILL.RANK_MIMIC.TEMPERATURE", "0.1"),
+    "rm_pfi_rm40": ("DISTILL.RANK_MIMIC.WEIGHT", "40.0"),
+    "rm_pfi_pfi50": ("DISTILL.PFI.WEIGHT", "50.0"),
+    "rm_pfi_t02_pfi50": ("DISTILL.RANK_MIMIC.TEMPERATURE", "0.2", "DISTILL.PFI.WEIGHT", "50.0"),
+    "rm_pfi_t02_rm40": ("DISTILL.RANK_MIMIC.TEMPERATURE", "0.2", "DISTILL.RANK_MIMIC.WEIGHT", "40.0"),
+}
 
 
 PAIRS = {
@@ -78,7 +131,7 @@ PAIRS = {
                 ("kd_rw", "kd", "_rw"), ("rkd", "rkd", ""), ("rkd_global", "rkd", "_global"),
                 ("gk_pkd", "gk", "_withpkd"),
             ]
-        },
+        } | {name: Method(GK, "faster_rcnn", opts) for name, opts in GK_VARIANTS.items()},
         default_methods=("gk", "fitnet", "kd"),
     ),
     # RetinaNet R-18 -> R-18 half width, levels p2-p6; gk_from_faster: the Faster R-CNN teacher.
@@ -94,7 +147,7 @@ PAIRS = {
             "pfi_only": Method(RM_PFI, "retinanet", ("DISTILL.HEADS", '["pfi"]')),
             "rm_pfi_logits": Method(RM_PFI, "retinanet",
                                     ("DISTILL.RANK_MIMIC.SCORES", "logits", "DISTILL.PFI.SCORES", "logits")),
-        },
+        } | {name: Method(RM_PFI, "retinanet", opts) for name, opts in RM_PFI_SWEEP.items()},
         default_methods=("gk", "fitnet", "rm_pfi", "gk_from_faster"),
     ),
     # GFL R-18 -> R-18 half width (distribution box branch): LD
