@@ -101,7 +101,7 @@ def student_state_dict(checkpoint_path: str) -> dict:
         raise RuntimeError(
             f"could not read the distillation checkpoint '{checkpoint_path}' ({describe_load_error(e)}); "
             "it is corrupt, truncated, or not a d2kd checkpoint"
-        ) from e
+        ) from None  # torch's own text advises weights_only=False: never shown
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not state:
         raise RuntimeError(f"'{checkpoint_path}' holds no model weights")

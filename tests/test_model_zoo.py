@@ -5,6 +5,8 @@ import functools
 import http.server
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import cv2
@@ -14,7 +16,9 @@ import torch
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.file_io import PathManager
 
-from conftest import detector_cfg, training_cfg
+from conftest import detector_cfg, training_cfg, write_yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NAME = "tests/tiny_faster_rcnn"
 
@@ -25,7 +29,6 @@ def zoo(tmp_path_factory, shapes_cache):
     the built-in data (the teacher of the distillation test below)."""
     from d2kd.data import ensure_shapes_generated
     from d2kd.engine import DistillTrainer
-    from d2kd.model_zoo.publish import publish
 
     root = tmp_path_factory.mktemp("zoo")
     cfg = detector_cfg("rcnn", fpn_channels=32, num_classes=6)
@@ -41,8 +44,18 @@ def zoo(tmp_path_factory, shapes_cache):
     from detectron2.data import DatasetCatalog
 
     images = [r["file_name"] for r in DatasetCatalog.get("d2kd_shapes_val")[:2]]
-    entry = publish(str(root / "zoo"), NAME + ".yaml", cfg, os.path.join(cfg.OUTPUT_DIR, "model_final.pth"),
-                    images=images, metrics={"AP": 1.5, "AP50": 3.0}, train_time_s=12.0)
+    # published as a user does: the tool, its metrics file, timed on 2 validation images
+    metrics = root / "train" / "final_results.json"
+    metrics.write_text(json.dumps({"AP": 1.5, "AP50": 3.0, "APl": float("nan")}))
+    (root / "train" / "train_time.json").write_text(json.dumps({"seconds": 12.0}))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "export_student.py"), "--config-file",
+         write_yaml(cfg, root / "tiny.yaml"), "--weights", str(root / "train" / "model_final.pth"),
+         "--zoo", str(root / "zoo"), "--zoo-name", NAME + ".yaml", "--num-images", "2", "--latency-images", "2"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, D2KD_CACHE=str(shapes_cache)))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"published: {NAME} into the zoo" in proc.stdout and "verified: TorchScript predicts" in proc.stdout
+    entry = json.load(open(root / "zoo" / "index.json"))["models"][NAME]
     return {"dir": str(root / "zoo"), "entry": entry, "cfg": cfg, "images": images}
 
 
@@ -80,11 +93,25 @@ def test_publish_writes_a_verified_release_the_index_and_the_table(zoo):
     assert sorted(os.listdir(folder)) == sorted(["config.yaml", "release.json", weights, ts])
     index = json.load(open(os.path.join(zoo["dir"], "index.json")))
     assert index["format"] == "d2kd-zoo/1" and index["models"][NAME] == entry
-    assert entry["metrics"]["AP"] == 1.5 and entry["params"] > 0 and entry["gflops"] > 0
+    assert entry["metrics"] == {"AP": 1.5, "AP50": 3.0, "APl": None}  # COCOeval's NaN as null
+    assert entry["params"] > 0 and entry["gflops"] > 0 and entry["train_time_s"] == 12.0
     assert entry["check"]["max_difference"] == 0 and entry["check"]["torchscript_max_difference"] <= 1e-4
     table = open(os.path.join(zoo["dir"], "MODEL_ZOO.md")).read()
     assert f"| `{NAME}` |" in table and entry["md5"][:8] in table and "| 12s |" in table
     assert "`gk_faster_r50.yaml` | COCO (alias) | to be trained |" in table
+
+
+def test_the_payoff_of_a_published_model_is_timed_as_a_consumer_loads_it(zoo):
+    from d2kd.model_zoo.payoff import payoff_table
+
+    latency = zoo["entry"]["latency_ms"]  # --latency-images 2
+    for kind in ("eager", "torchscript"):
+        for threads in ("1", "2"):
+            stats = latency[kind][threads]
+            assert stats["n"] == 2 and 0 < stats["q1"] <= stats["median"] <= stats["q3"]
+    table = payoff_table([("tiny", zoo["entry"])])
+    assert table.splitlines()[0].startswith("| model | AP | AP50 | params | GFLOPs | 1 thread: eager ms |")
+    assert f"| tiny | 1.5 | 3.0 | {zoo['entry']['params'] / 1e6:.2f} M |" in table
 
 
 def test_a_distilled_student_trains_from_a_teacher_served_as_d2kd_uri(served, tmp_path):

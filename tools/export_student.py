@@ -68,6 +68,9 @@ def parse_args(argv=None):
                                            "or its file name for a config of your own)")
     parser.add_argument("--metrics", metavar="FILE", help="JSON of the evaluation to record with --zoo "
                                                           "(default: final_results.json beside the weights)")
+    parser.add_argument("--latency-images", type=int, default=0, metavar="N",
+                        help="with --zoo: time the release (eager and TorchScript, 1 and 2 threads) on "
+                             "N images of the verification dataset and record it")
     parser.add_argument("--teacher", help="the teacher's zoo name or URI to record with --zoo "
                                           "(default: the zoo name of a shipped teacher config)")
     parser.add_argument("--register", action="append", default=[], metavar="FILE",
@@ -150,8 +153,10 @@ def export(args):
         name = _zoo_name(args)
         check_output_dir(os.path.join(args.zoo, name))
         images = verification_images(cfg, args.dataset, args.images, args.num_images)
+        timed = verification_images(cfg, args.dataset, args.images, args.latency_images) if args.latency_images else ()
         entry = publish(args.zoo, name, cfg, weights, images=images, formats=formats,
-                        metrics=_metrics(args, weights), teacher=args.teacher, train_time_s=_train_time_s(weights))
+                        metrics=_metrics(args, weights), teacher=args.teacher, train_time_s=_train_time_s(weights),
+                        latency_images=timed)
         print(f"published: {name} into the zoo {os.path.abspath(args.zoo)}")
         print(f"uri:     d2kd://{name}/{entry['weights']} (md5 {entry['md5']})")
         if entry["torchscript"]:

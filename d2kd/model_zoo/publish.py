@@ -32,6 +32,7 @@ from ..modeling.kinds import is_distill_meta_arch
 from ..utils.atomic import atomic_write
 from ..utils.inference_cost import gflops_per_image, parameter_count
 from .model_zoo import INDEX, INDEX_FORMAT, configs_dir, read_index_file, zoo_name
+from .payoff import release_latency
 from .table import zoo_table
 
 __all__ = ["publish", "update_index", "load_index", "teacher_zoo_name"]
@@ -86,7 +87,7 @@ def _release_cost(result: ExportResult, images: Sequence[str]) -> Dict[str, Any]
 def publish(zoo_dir: str, config_name: str, cfg: CfgNode, checkpoint_path: str, *, images: Sequence[str],
             formats: Sequence[str] = ("torchscript",), metrics: Optional[Dict[str, float]] = None,
             teacher: Optional[str] = None, train_time_s: Optional[float] = None,
-            latency_ms: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+            latency_images: Sequence[str] = (), latency_threads: Sequence[int] = (1, 2)) -> Dict[str, Any]:
     """Export ``checkpoint_path`` (trained with ``cfg``) as a verified release into
     ``<zoo_dir>/<name>/`` and list it in the zoo's index.
 
@@ -95,7 +96,8 @@ def publish(zoo_dir: str, config_name: str, cfg: CfgNode, checkpoint_path: str, 
         images: verification images (the release is checked on them before publishing).
         metrics: what the model was evaluated with (e.g. the bbox AP dict), stored as given.
         teacher: the teacher's zoo name or URI; default: the zoo name of a shipped teacher config.
-        latency_ms: measured latency to record (see d2kd.utils.inference_cost.latency_ms).
+        latency_images: images to time the release on, eager and TorchScript, at each of
+            ``latency_threads`` (payoff.release_latency); none: no latency is recorded.
 
     Returns:
         the index entry.
@@ -122,7 +124,8 @@ def publish(zoo_dir: str, config_name: str, cfg: CfgNode, checkpoint_path: str, 
         "dataset": dataset,
         "metrics": metrics,
         "train_time_s": train_time_s,
-        "latency_ms": latency_ms,
+        "latency_ms": release_latency(os.path.dirname(result.config_path), latency_images, latency_threads)
+        if latency_images else None,
         "weights": weights,
         "md5": manifest["files"][weights],
         "torchscript": os.path.basename(result.torchscript_path) if result.torchscript_path else None,

@@ -6,6 +6,7 @@ training run in its own OUTPUT_DIR.
 import json
 import logging
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Dict, List, Sequence, Tuple
@@ -19,6 +20,7 @@ from ..engine import DistillTrainer
 logger = logging.getLogger("d2kd")
 
 RESULTS_FILE = "final_results.json"
+TRAIN_TIME_FILE = "train_time.json"
 
 # The built-in data's teacher/student pairs (file names under configs/shapes/), shared by
 # tools/demo.py and benchmarks/bench_shapes_seeds.py. One-stage teachers train 2000
@@ -114,7 +116,12 @@ def train_and_evaluate(config_file: str, output_dir: str, opts: Sequence[str] = 
         f.write(cfg.dump())
     trainer = DistillTrainer(cfg)
     trainer.resume_or_load(resume=True)
+    start, first_iter = time.perf_counter(), trainer.start_iter
     trainer.train()
+    if comm.is_main_process():  # for the zoo's table (tools/export_student.py --zoo reads it)
+        atomic_write(os.path.join(output_dir, TRAIN_TIME_FILE), json.dumps({
+            "seconds": round(time.perf_counter() - start, 1), "iterations": cfg.SOLVER.MAX_ITER - first_iter,
+            "note": "wall time of the run that finished the stage (a resumed stage: its last run only)"}))
     results = getattr(trainer, "_last_eval_results", None)
     if not results:
         results = DistillTrainer.test(cfg, trainer.model)
