@@ -152,3 +152,25 @@ def test_gk_global_term_by_hand_in_each_form_with_and_without_robust_weights(tmp
 def test_gk_rejects_an_unknown_global_form(tmp_path):
     with pytest.raises(ValueError, match="DISTILL.GK.GLOBAL_FORM must be one of"):
         _head(tmp_path, GLOBAL_FORM="rows")
+
+
+@pytest.mark.parametrize("student", ["rcnn", "retinanet"])
+def test_a_model_step_with_the_projection_form_and_without_robust_weights(tmp_path, student):
+    from detectron2.modeling import build_model
+
+    from conftest import random_batch
+    from d2kd.engine.prototype_refresh import collect_instance_features, rebuild_bank
+
+    cfg = distill_cfg(tmp_path, student, student, heads=["gk"])
+    cfg.DISTILL.GK.GLOBAL_FORM = "projection"
+    cfg.DISTILL.GK.ROBUST_WEIGHTS = False
+    cfg.DISTILL.GK.FEATURE_WEIGHT = 0.0  # the ablation's way of switching a term off
+    model = build_model(cfg)
+    model.train()
+    with EventStorage(0):
+        features = collect_instance_features(model, [random_batch(4, seed=i) for i in range(4)], min_size=4)
+        rebuild_bank(model.prototype_bank, features, alpha=10.0)
+        losses = model(random_batch(empty_last=True))
+        assert losses["loss_distill_gk_global"].item() > 0 and losses["loss_distill_gk_fg"].item() == 0
+        assert all(torch.isfinite(v) for v in losses.values())
+        sum(losses.values()).backward()
