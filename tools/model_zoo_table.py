@@ -15,10 +15,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", required=True, help="the zoo folder (holds index.json)")
     parser.add_argument("--output", default="-", help="where to write the table (default: stdout)")
+    parser.add_argument("--note", default="", help="a paragraph put above the table (e.g. how it was measured)")
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.zoo, "index.json")):
         sys.exit(f"model_zoo_table: {args.zoo} has no index.json (publish with tools/export_student.py --zoo)")
-    text = zoo_table(load_index(args.zoo))
+    text = zoo_table(load_index(args.zoo), note=args.note)
     if args.output == "-":
         sys.stdout.write(text)
     else:

@@ -34,8 +34,8 @@ def _to_be_trained(published) -> list:
     return rows
 
 
-def zoo_table(index: dict) -> str:
-    """The markdown page for ``index`` (see publish.py)."""
+def zoo_table(index: dict, note: str = "") -> str:
+    """The markdown page for ``index`` (see publish.py); ``note``: a paragraph above the table."""
     models = index["models"]
     lines = [
         "# d2kd model zoo",
@@ -51,6 +51,7 @@ def zoo_table(index: dict) -> str:
         "image on the CPU that published it, model call only (resized input), eager / TorchScript;",
         "GFLOPs at the test size (fvcore's count: a multiply-add is one flop).",
         "",
+        *([note, ""] if note else []),
         "| name | teacher | train / test data | AP | AP50 | train time | params | GFLOPs | latency 1 thread (ms) | latency 2 threads (ms) | file | md5 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
