@@ -1,10 +1,14 @@
 """GK's prototype selection (PGM, docs/METHODS.md 1.2) for one class at one FPN level.
 
-Two steps, both on the inputs' device. A call syncs with the host twice (the finiteness
-check and the number of candidates, which sets the loop length), never inside the loops:
+Two steps, both on the inputs' device. A call syncs with the host a few times (the
+finiteness check, the number of candidates, which sets the loop length, and the rows the
+float32 density leaves undecided; on the CPU also once per density block), never inside the
+pursuit:
 
 1. Density filter: per space, ``rho_n = sum_m exp(-((1 - a_n . a_m) / sigma)^2)``, computed
-   over row chunks so memory is O(chunk * N) rather than O(N^2).
+   over row chunks so memory is O(chunk * N) rather than O(N^2); with float32 products
+   (the default) only the blocks on and above the diagonal of the symmetric Gram matrix,
+   leaving out the kernel terms below 1e-15 (see :func:`density_with_bound`).
 2. Matching pursuit with the consistency term. For a unit atom ``u`` the best coefficients
    of docs/METHODS.md 1.2 turn the candidate error into
    ``E = sum_n |r^a_n|^2 + |r^b_n|^2 - (w^a_n p_n + w^b_n q_n)``
@@ -18,9 +22,10 @@ check and the number of candidates, which sets the loop length), never inside th
 
    - "gram": the gain needs only sums over n of ``p^2``, ``q^2`` and ``p q``, which are
      quadratic forms of the residuals' second moments: ``sum_n p_n^2 = u^T (R_a^T R_a) u``,
-     ``sum_n p_n q_n = u^T (R_a^T R_b) v``. Per step this is O(N D^2 + |candidates| D^2)
-     (D x D matrices) instead of O(|candidates| N D): at N = 20000, D = 256 the pursuit
-     costs about a second and no |candidates| x N matrix exists.
+     ``sum_n p_n q_n = u^T (R_a^T R_b) v``. They are computed once, O(N D^2 + |candidates| D^2),
+     and each step's rank-1 change of the residuals changes them by products of the
+     candidates with a few D-vectors, O((N + |candidates|) D) (see :class:`_GramState`):
+     no |candidates| x N matrix exists.
    - "cached": the inner products ``P = U R_a^T`` and ``Q = V R_b^T`` (|candidates| x N),
      built once and updated by a rank-1 term per step (``P -= (U u*) w^a^T``), when they fit
      ``cache_bytes`` (cheaper than "gram" for small N).
@@ -48,6 +53,10 @@ _CHUNK_ELEMENTS = 1 << 21
 # Default bound on the cached P and Q matrices together (bytes); DISTILL.PROTOTYPES.CACHE_BYTES.
 DEFAULT_CACHE_BYTES = 4 << 30
 METHODS = ("auto", "gram", "cached", "streamed")
+# The float32 density leaves out kernel terms with 1 - s >= this many sigmas (each < 1e-15).
+_CUT_SIGMAS = 6.0
+# Above this fraction of kept terms a density block evaluates its kernel densely.
+_SPARSE_FRACTION = 0.25
 
 
 def _unit_rows(x: Tensor, eps: float) -> Tensor:
@@ -100,21 +109,49 @@ def density_with_bound(x: Tensor, sigma: float, gram_dtype: torch.dtype,
     rows rounded to it) is off by at most ``e = (D + 2) u / (1 - (D + 2) u)``. The kernel
     ``k(s) = exp(-((1 - s) / sigma)^2)`` has ``|k''| <= 2 / sigma^2``, so a term moves by at
     most ``e (|k'(s)| + e / sigma^2)`` with s the computed product; summed over the row.
+
+    Two savings, both inside that bound. The Gram matrix is symmetric, so only the blocks on
+    and above the diagonal are computed (a block's column sums are the rows' below it).
+    Terms whose computed ``1 - s`` is at least ``_CUT_SIGMAS * sigma`` are left out: each is
+    below ``exp(-((cut - e) / sigma)^2)`` (about 1e-16), at most N of them per row, which
+    the bound adds. On the CPU a block where few terms remain evaluates the kernel on those
+    alone, a block where most remain on all of them (as every block does on a GPU, where the
+    kernel is cheap and the count would sync with the host).
     """
     n, d = x.shape
-    out, err = x.new_empty(n), x.new_empty(n)
+    out, slope = x.new_zeros(n), x.new_zeros(n)
     xl = x.to(gram_dtype)
     u = _unit_roundoff(gram_dtype, x.device)
     e = (d + 2) * u / (1 - (d + 2) * u)
+    cut = _CUT_SIGMAS * sigma
+    dropped = math.exp(-((cut - e) / sigma) ** 2) if cut > e else 1.0
+    # On a GPU the kernel is cheap next to a host sync per block: every block is dense there.
+    dense = x.device.type != "cpu"
     step = _rows_per_chunk(n, chunk_elements)
     for start in range(0, n, step):
-        sim = (xl[start:start + step] @ xl.T).to(x.dtype)
-        t = sim.neg_().add_(1.0)  # 1 - s
+        stop = min(n, start + step)
+        sim = xl[start:stop] @ xl[start:].T  # this block's rows against itself and all later rows
+        keep = None if dense else sim > 1.0 - cut
+        if keep is None or int(keep.sum()) > _SPARSE_FRACTION * keep.numel():
+            t = sim.to(x.dtype).neg_().add_(1.0)  # 1 - s; every term kept (within the bound too)
+            k = torch.div(t, sigma).square_().neg_().exp_()
+            g = t.abs_().mul_(k)
+            out[start:stop] += k.sum(dim=1)
+            slope[start:stop] += g.sum(dim=1)
+            out[stop:] += k[:, stop - start:].sum(dim=0)
+            slope[stop:] += g[:, stop - start:].sum(dim=0)
+            continue
+        rows, cols = keep.nonzero().unbind(1)
+        t = sim[rows, cols].to(x.dtype).neg_().add_(1.0)
         k = torch.div(t, sigma).square_().neg_().exp_()
-        out[start:start + step] = k.sum(dim=1)
-        # |k'(s)| = 2 (1 - s) / sigma^2 k(s)
-        slope = t.abs_().mul_(k).sum(dim=1).mul_(2.0 / sigma ** 2)
-        err[start:start + step] = e * (slope + n * e / sigma ** 2)
+        g = t.abs_().mul_(k)
+        out.index_add_(0, rows + start, k)
+        slope.index_add_(0, rows + start, g)
+        below = cols >= stop - start  # entries below the diagonal block count for their column too
+        out.index_add_(0, cols[below] + start, k[below])
+        slope.index_add_(0, cols[below] + start, g[below])
+    # |k'(s)| = 2 (1 - s) / sigma^2 k(s)
+    err = e * (slope.mul_(2.0 / sigma ** 2) + n * e / sigma ** 2) + n * dropped
     return out, err
 
 
@@ -266,14 +303,38 @@ class _StreamedResiduals(_ProductGains):
 class _GramState(_StreamedResiduals):
     """The residuals, kept and updated as :class:`_StreamedResiduals`; the gains come from
     their second moments: ``sum_n p_n^2 = u^T (R_a^T R_a) u``, ``sum_n q_n^2 = v^T (R_b^T R_b) v``,
-    ``sum_n p_n q_n = u^T (R_a^T R_b) v``. Memory O(N D + G D + D^2); per step O((N + G) D^2)."""
+    ``sum_n p_n q_n = u^T (R_a^T R_b) v``, computed once, O((N + G) D^2).
+
+    Removing the atom (u*, v*) with coefficients (w_a, w_b) changes the residuals by rank 1
+    (``R_a <- R_a - w_a u*^T``), so each candidate's three sums change by products of its
+    atoms with six vectors: with ``x = R_a^T w_a``, ``z = R_a^T w_b``, ``y = R_b^T w_b``,
+    ``t = R_b^T w_a`` (before the update),
+    ``pp -= 2 (u.u*)(u.x) - |w_a|^2 (u.u*)^2``, ``qq -= 2 (v.v*)(v.y) - |w_b|^2 (v.v*)^2``,
+    ``pq -= (u.z)(v.v*) + (u.u*)(v.t) - (w_a.w_b)(u.u*)(v.v*)``. A step costs O((N + G) D).
+    Memory O(N D + G D + D^2)."""
+
+    def __init__(self, a: Tensor, b: Tensor, ua: Tensor, ub: Tensor):
+        super().__init__(a, b, ua, ub)
+        self.pp = ((ua @ (a.T @ a)) * ua).sum(dim=1)
+        self.qq = ((ub @ (b.T @ b)) * ub).sum(dim=1)
+        self.pq = ((ua @ (a.T @ b)) * ub).sum(dim=1)
 
     def gains(self, alpha: float, rows: int) -> Tensor:
-        ra, rb, ua, ub = self.ra, self.rb, self.ua, self.ub
-        pp = ((ua @ (ra.T @ ra)) * ua).sum(dim=1)
-        qq = ((ub @ (rb.T @ rb)) * ub).sum(dim=1)
-        pq = ((ua @ (ra.T @ rb)) * ub).sum(dim=1)
-        return ((1.0 + alpha) * (pp + qq) + (2.0 * alpha) * pq) / (1.0 + 2.0 * alpha)
+        return ((1.0 + alpha) * (self.pp + self.qq) + (2.0 * alpha) * self.pq) / (1.0 + 2.0 * alpha)
+
+    def remove(self, k: Tensor, alpha: float) -> None:
+        u, v = self.ua.index_select(0, k)[0], self.ub.index_select(0, k)[0]
+        wa, wb = _coefficients(self.ra @ u, self.rb @ v, alpha)
+        w = torch.stack([wa, wb], dim=1)  # (N, 2)
+        x, z = (self.ra.T @ w).unbind(1)  # R_a^T w_a, R_a^T w_b
+        t, y = (self.rb.T @ w).unbind(1)  # R_b^T w_a, R_b^T w_b
+        cu, cx, cz = (self.ua @ torch.stack([u, x, z], dim=1)).unbind(1)  # (G,) each
+        cv, cy, ct = (self.ub @ torch.stack([v, y, t], dim=1)).unbind(1)
+        self.pp -= 2.0 * cu * cx - wa.dot(wa) * cu * cu
+        self.qq -= 2.0 * cv * cy - wb.dot(wb) * cv * cv
+        self.pq -= cz * cv + cu * ct - wa.dot(wb) * cu * cv
+        self.ra.addr_(wa, u, alpha=-1.0)
+        self.rb.addr_(wb, v, alpha=-1.0)
 
 
 def _pursuit(state, num_candidates: int, num_instances: int, steps: int, alpha: float,
@@ -411,8 +472,9 @@ def _choose_method(method: str, n: int, g: int, ds: int, dt: int, steps: int, el
     fits = cache_bytes is None or 2 * g * n * element_size <= cache_bytes
     if method != "auto":
         return "streamed" if method == "cached" and not fits else method
-    # multiply-adds: Gram moments per step, against building P, Q once plus ~8 elementwise
-    # passes over them per step (memory-bound, counted as 4 multiply-adds each)
-    gram = steps * (n + g) * (ds * ds + dt * dt + ds * dt)
+    # multiply-adds: the moments and the first gains once plus ~10 passes of N x D or G x D per
+    # step, against building P, Q once plus ~8 elementwise passes over them per step
+    # (memory-bound, counted as 4 multiply-adds each)
+    gram = (n + g) * (ds * ds + dt * dt + ds * dt) + steps * 10 * (n + g) * (ds + dt)
     cached = g * n * (ds + dt) + steps * 32 * g * n
     return "cached" if fits and cached < gram else "gram"
