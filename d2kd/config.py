@@ -80,6 +80,13 @@ def add_distill_config(cfg):
     # steps (select_prototypes' cache_bytes; above it they are recomputed, or the D x D
     # moment form is used, whichever is cheaper: the picks are the same).
     _C.DISTILL.PROTOTYPES.CACHE_BYTES = 4 << 30
+    # Where builds get instance features: "images" (the paper: re-extracted from the fixed
+    # per-class image subset) or "online" (pooled from the training steps' own features).
+    _C.DISTILL.PROTOTYPES.SOURCE = "images"
+    # With SOURCE "online": instances kept per class (at every stride), the latest first.
+    _C.DISTILL.PROTOTYPES.ONLINE_CAPACITY = 1000
+    # With SOURCE "images": bytes of read and resized images each rank keeps across builds (0: none).
+    _C.DISTILL.PROTOTYPES.IMAGE_CACHE_BYTES = 1 << 30
 
     # Global Knowledge distillation (GK's RDM, docs/METHODS.md section 1.4-1.5).
     _C.DISTILL.GK = CN()

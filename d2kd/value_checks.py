@@ -26,6 +26,7 @@ _AT_LEAST_ONE: Rule = (lambda x: x >= 1, "must be >= 1")
 _BY_KEY = {
     "DISTILL.PKD.WEIGHT": (lambda x: x >= 0 or x == -1, "must be >= 0, or -1 for the released weight"),
     "DISTILL.PROTOTYPES.NUM": (lambda x: x >= 1, "must be >= 1 (prototypes per class and stride)"),
+    "DISTILL.PROTOTYPES.ONLINE_CAPACITY": (lambda x: x >= 1, "must be >= 1 (instances kept per class)"),
     "DISTILL.PROTOTYPES.PERIOD": (lambda x: x >= 0, "must be >= 0 (0: never rebuild)"),
     "DISTILL.PROTOTYPES.PERIOD_EPOCHS": (lambda x: x >= 0, "must be >= 0 (0: use PERIOD)"),
     "DISTILL.PROTOTYPES.START_EPOCHS": (lambda x: x >= 0, "must be >= 0 (0: use START_ITER)"),
@@ -44,7 +45,7 @@ def _rule_for(name: str) -> Optional[Rule]:
         return _NON_NEGATIVE
     if name in ("NUM", "TOPK", "MAX_IMAGES"):
         return _AT_LEAST_ONE
-    if name in ("NUM_LEVELS", "MIN_SIZE", "ALPHA", "CACHE_BYTES"):
+    if name in ("NUM_LEVELS", "MIN_SIZE", "ALPHA") or name.endswith("CACHE_BYTES"):
         return _NON_NEGATIVE
     if name == "ADAPTER_KERNEL":
         return (lambda x: x in (1, 3), "must be 1 or 3")

@@ -120,3 +120,34 @@ def test_split_selection_gives_the_single_rank_bank():
             for k, v in single.state_dict().items():
                 assert torch.equal(v, split.state_dict()[k]), (world, rank, k)
     assert single.is_built and not single.valid_s8[3].any() and single.valid_s8[0].any()
+
+
+def test_later_builds_reuse_the_read_images_within_the_cache_budget(tmp_path, shapes_cache, storage):
+    from types import SimpleNamespace
+
+    from d2kd.engine.prototype_refresh import PrototypeRefreshHook
+
+    cfg = distill_cfg(tmp_path, heads=("gk",))
+    cfg.DATASETS.TRAIN = ("d2kd_shapes_train",)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
+    cfg.DISTILL.PROTOTYPES.NUM = 3
+    cfg.DISTILL.PROTOTYPES.MAX_IMAGES = 3
+    cfg.DISTILL.PROTOTYPES.MIN_SIZE = 4
+    from detectron2.modeling import build_model
+
+    for budget, reads_again in ((1 << 30, 0), (0, None)):
+        cfg.DISTILL.PROTOTYPES.IMAGE_CACHE_BYTES = budget
+        model = build_model(cfg)
+        hook = PrototypeRefreshHook(cfg)
+        hook.trainer = SimpleNamespace(model=model)
+        reads = []
+        mapper = hook._mapper
+        hook._mapper = lambda record: reads.append(1) or mapper(record)
+        hook.refresh(0)
+        first, bank = len(reads), {k: v.clone() for k, v in model.prototype_bank.state_dict().items()}
+        assert first == len(hook.images()) and set(hook.timings) >= {"images", "student", "pooling", "selection"}
+        hook.refresh(1)
+        assert len(reads) - first == (first if reads_again is None else reads_again)
+        for k, v in model.prototype_bank.state_dict().items():  # the same images, the same bank
+            if k != "num_builds":
+                assert torch.equal(v, bank[k]), k

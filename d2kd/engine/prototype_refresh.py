@@ -54,7 +54,8 @@ def _progress(done: int, total: int, start: float, what: str, unit: str = "image
 @torch.no_grad()
 def collect_instance_features(model, batches: Iterable[List[dict]], min_size: float,
                               teacher_cache: TeacherFeatureCache = None,
-                              total_images: int = 0) -> InstanceFeatureSets:
+                              total_images: int = 0, timings: Optional[Dict[str, float]] = None
+                              ) -> InstanceFeatureSets:
     """Student and teacher instance features of every GT box wider and higher than
     ``min_size`` original-image pixels, at every stride of ``model.prototype_bank``, grouped
     by stride and class, on the CPU.
@@ -68,7 +69,9 @@ def collect_instance_features(model, batches: Iterable[List[dict]], min_size: fl
     features of an image (indexed by ``"d2kd_index"``) are computed once and kept; a batch
     whose images are all in the cache skips the teacher's backbone. The cache is valid only
     for the same images in the same batches (the padding of a batch reaches the features).
-    ``total_images`` (optional) enables a progress line with ETA.
+    ``total_images`` (optional) enables a progress line with ETA. ``timings`` (optional, added
+    to in place): seconds spent getting the batches ("images": reading and resizing), in the
+    student's and the teacher's forward ("student", "teacher") and pooling ("pooling").
 
     The model is switched to eval mode meanwhile (the student's BatchNorm statistics must not
     move) and restored afterwards.
@@ -78,13 +81,21 @@ def collect_instance_features(model, batches: Iterable[List[dict]], min_size: fl
     model.eval()
     found: Dict[int, Dict[int, List[Tuple[Tensor, ...]]]] = defaultdict(lambda: defaultdict(list))
     start, done = time.perf_counter(), 0
+    clock = _PhaseClock(timings, model.device)
+    batches = iter(batches)
     try:
-        for batch in batches:
+        while True:
+            batch = next(batches, None)
+            clock.lap("images")
+            if batch is None:
+                break
             images = model.preprocess_image(batch)
             student = by_stride(model.backbone, model.backbone(images.tensor))
+            clock.lap("student")
             keys = [x.get("d2kd_index", -1) for x in batch]
             cached = teacher_cache is not None and all(k >= 0 and k in teacher_cache for k in keys)
             teacher = None if cached else by_stride(model.teacher.backbone, model.teacher_backbone(batch))
+            clock.lap("teacher")
             boxes, classes, index, sources = [], [], [], []
             for i, x in enumerate(batch):
                 inst = x["instances"].to(model.device)
@@ -120,9 +131,28 @@ def collect_instance_features(model, batches: Iterable[List[dict]], min_size: fl
                 for c in classes_cpu.unique().tolist():
                     sel = classes_cpu == c
                     found[s][c].append((f_s[sel], f_t[sel], sources[sel]))
+            clock.lap("pooling")
     finally:
         model.train(was_training)
     return _concat(found)
+
+
+class _PhaseClock:
+    """Adds the seconds since the last lap to ``timings[phase]`` (nothing when timings is
+    None); on CUDA it synchronises first, so a phase's kernels count in that phase."""
+
+    def __init__(self, timings: Optional[Dict[str, float]], device):
+        self.timings, self.device = timings, torch.device(device)
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 def _concat(found) -> InstanceFeatureSets:
@@ -303,10 +333,15 @@ def rebuild_bank(bank, features: InstanceFeatureSets, alpha: float, device=None,
     bank.rebuild_reason = ""
 
 
-def build_report(bank, features: InstanceFeatureSets, num_images: int, elapsed: float, iteration: int,
-                 min_size: float, class_names=None) -> Tuple[str, List[str]]:
-    """The log line of a build (images, instances and prototypes per class and stride, time)
-    and the warnings for classes and strides left without prototypes."""
+def build_report(bank, features: InstanceFeatureSets, num_images, elapsed: float, iteration: int,
+                 min_size: float, class_names=None, phases: Optional[Dict[str, float]] = None
+                 ) -> Tuple[str, List[str]]:
+    """The log line of a build (images, instances and prototypes per class and stride, time,
+    and ``phases``: seconds per phase) and the warnings for classes and strides left without
+    prototypes. ``num_images``: the number of images, or a phrase saying where the features
+    came from."""
+    if isinstance(num_images, int):
+        num_images = f"{num_images} images"
     from tabulate import tabulate
 
     rows = []
@@ -320,8 +355,9 @@ def build_report(bank, features: InstanceFeatureSets, num_images: int, elapsed: 
     instances = max((sum(len(f[0]) for f in features.get(s, {}).values()) for s in bank.strides), default=0)
     table = tabulate(rows, headers=["class"] + [f"stride {s}: instances -> prototypes" for s in bank.strides],
                      tablefmt="pipe")
-    message = (f"Prototype build at iteration {iteration}: {num_images} images, {instances} instances, "
-               f"{elapsed:.2f}s (counted as hook time)\n{table}")
+    message = (f"Prototype build at iteration {iteration}: {num_images}, {instances} instances, "
+               f"{elapsed:.2f}s ({''.join(f'{k} {v:.2f}s, ' for k, v in (phases or {}).items())}"
+               f"counted as hook time)\n{table}")
     warnings = []
     counts = torch.stack([bank.prototypes_per_class(s) for s in bank.strides])  # (S, C)
     empty_classes = [c for c in range(bank.num_classes) if int(counts[:, c].sum()) == 0]
@@ -333,7 +369,7 @@ def build_report(bank, features: InstanceFeatureSets, num_images: int, elapsed: 
     if len(empty_classes) == bank.num_classes:
         warnings.append(
             f"THE PROTOTYPE BANK BUILT AT ITERATION {iteration} IS EMPTY: no class has a prototype "
-            f"({instances} instances found in {num_images} images). GK's global term is 0 and every "
+            f"({instances} instances found in {num_images}). GK's global term is 0 and every "
             f"robust weight is 1 until the next build. {hint}"
         )
     else:
@@ -351,6 +387,17 @@ def build_report(bank, features: InstanceFeatureSets, num_images: int, elapsed: 
                 "and the features at those strides"
             )
     return message, warnings
+
+
+def online_feature_sets(store) -> InstanceFeatureSets:
+    """The online store's instances as a build's feature sets. The sources' first column is
+    the dataset index for the paper's refresh; a training batch does not carry it, so it is
+    -1 (unknown) here, with the box kept."""
+    sets = store.feature_sets()
+    for per_class in sets.values():
+        for _, _, source in per_class.values():
+            source[:, 0] = -1.0
+    return sets
 
 
 def _thing_classes(dataset_names):
@@ -464,6 +511,11 @@ class PrototypeRefreshHook(HookBase):
         self.cache_bytes = int(node.CACHE_BYTES)
         self._teacher_cache: TeacherFeatureCache = {}
         self._teacher_cache_key = None
+        # mapped (read, resized) images kept across builds, up to IMAGE_CACHE_BYTES
+        self._mapped: Dict[int, dict] = {}
+        self._mapped_bytes = 0
+        self.image_cache_bytes = int(node.get("IMAGE_CACHE_BYTES", 0))
+        self.timings: Dict[str, float] = {}  # the last build's seconds per phase
         self.batch_size = max(1, cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size())
         self.seed = cfg.SEED
         self._dataset_names = cfg.DATASETS.TRAIN
@@ -496,14 +548,21 @@ class PrototypeRefreshHook(HookBase):
         return self._images
 
     def _map(self, j: int) -> dict:
+        if j in self._mapped:  # the test-time mapping has no randomness: the same every build
+            return self._mapped[j]
         record = self._dataset[j]
         try:
-            return self._mapper(record)
+            mapped = self._mapper(record)
         except OSError as e:  # a missing or unreadable image: name it and its dataset
             raise FileNotFoundError(
                 f"the prototype build cannot read image {record.get('file_name')!r} (entry {j} of "
                 f"DATASETS.TRAIN {tuple(self._dataset_names)}): {e}"
             ) from e
+        size = mapped["image"].numel() * mapped["image"].element_size()
+        if self._mapped_bytes + size <= self.image_cache_bytes:
+            self._mapped[j] = mapped
+            self._mapped_bytes += size
+        return mapped
 
     def _batches(self, mine: List[Tuple[int, List[int]]]):
         """Mapped batches of ``mine`` (this rank's share of :meth:`images`)."""
@@ -513,25 +572,48 @@ class PrototypeRefreshHook(HookBase):
                 for j, classes in mine[i: i + self.batch_size]
             ]
 
-    def refresh(self, iteration: int) -> None:
-        start = time.perf_counter()
-        model = self._model()
+    def _image_features(self, model) -> InstanceFeatureSets:
+        """The paper's refresh: this rank extracts its share of :meth:`images`; gathered."""
         bank = model.prototype_bank
-        if bank.rebuild_reason:
-            logger.warning(f"Rebuilding the prototype bank at iteration {iteration}: {bank.rebuild_reason}")
         mine = self.images()[comm.get_rank():: comm.get_world_size()]
         key = (tuple(j for j, _ in mine), self.batch_size, tuple(bank.strides))
         if key != self._teacher_cache_key:  # other images or batches: the kept features are void
             self._teacher_cache, self._teacher_cache_key = {}, key
         local = collect_instance_features(model, self._batches(mine), self.min_size,
-                                          teacher_cache=self._teacher_cache, total_images=len(mine))
-        merged = merge_feature_sets(comm.all_gather(local))
+                                          teacher_cache=self._teacher_cache, total_images=len(mine),
+                                          timings=self.timings)
+        return merge_feature_sets(comm.all_gather(local))
+
+    def refresh(self, iteration: int) -> None:
+        start = time.perf_counter()
+        self.timings = {}
+        model = self._model()
+        bank = model.prototype_bank
+        if bank.rebuild_reason:
+            logger.warning(f"Rebuilding the prototype bank at iteration {iteration}: {bank.rebuild_reason}")
+        store = bank.store
+        if store is not None and len(store) > 0:
+            # SOURCE "online": the store is the same on every rank; nothing is extracted
+            merged = online_feature_sets(store)
+            self.timings["store"] = time.perf_counter() - start
+            ages = store.ages(iteration)
+            what = (f"{len(store)} instances of the online store (seen {int(ages.min())}-{int(ages.max())} "
+                    f"steps ago, median {int(ages.median())})")
+        else:
+            if store is not None:
+                logger.info(f"Prototype build at iteration {iteration}: the online store is empty (no "
+                            "distillation step has filled it yet), so this build extracts features from "
+                            "the image subset, as DISTILL.PROTOTYPES.SOURCE 'images' does")
+            merged = self._image_features(model)
+            what = f"{len(self.images())} images"
+        selection = time.perf_counter()
         rebuild_bank(bank, merged, self.alpha, device=model.device, iteration=iteration,
                      class_names=self._class_names, cache_bytes=self.cache_bytes,
                      rank=comm.get_rank(), world_size=comm.get_world_size(), gather=comm.all_gather)
         elapsed = time.perf_counter() - start
-        message, warnings = build_report(bank, merged, len(self.images()), elapsed, iteration,
-                                         self.min_size, self._class_names)
+        self.timings["selection"] = time.perf_counter() - selection
+        message, warnings = build_report(bank, merged, what, elapsed, iteration, self.min_size,
+                                         self._class_names, phases=self.timings)
         logger.info(message)
         for w in warnings:
             logger.warning(w)

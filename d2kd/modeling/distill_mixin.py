@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..heads.registry import build_distill_heads
 from ..prototypes.bank import PrototypeBank
+from ..prototypes.online_store import record_step_instances
 from ..structures import DistillContext, shapes_by_stride
 from .kinds import DISTILL_META_ARCHS, DetectorKind
 from .recorder import Recorder
@@ -221,6 +222,8 @@ class DistillMixin:
         # trigger re-enter the student's autocast state, see ModelStepOutputs).
         with torch.autocast(self.device.type, enabled=False):
             losses.update(self.distill_losses(ctx))
+            if self.prototype_bank is not None and self.prototype_bank.store is not None:
+                record_step_instances(self.prototype_bank.store, ctx, batched_inputs)
         return losses
 
     # ---- the distillation step ----

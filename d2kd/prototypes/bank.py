@@ -1,6 +1,6 @@
 """The prototype bank: per stride and class, K student and K teacher prototypes, as model state."""
 import logging
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +8,10 @@ from detectron2.layers import ShapeSpec
 from torch import Tensor, nn
 
 from ..structures import select_strides
+from .online_store import OnlineInstanceStore
+
+# DISTILL.PROTOTYPES.SOURCE: the paper's fixed image subset, or the training steps' instances
+SOURCES = ("images", "online")
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +32,11 @@ class PrototypeBank(nn.Module):
     """
 
     def __init__(self, strides: List[int], student_channels: Dict[int, int],
-                 teacher_channels: Dict[int, int], num_classes: int, num_prototypes: int):
+                 teacher_channels: Dict[int, int], num_classes: int, num_prototypes: int,
+                 store: Optional[OnlineInstanceStore] = None):
         super().__init__()
+        # DISTILL.PROTOTYPES.SOURCE "online": the training steps' instances the builds select from
+        self.store = store
         self.strides = sorted(strides)
         self.num_classes = num_classes
         self.num_prototypes = num_prototypes
@@ -45,16 +52,18 @@ class PrototypeBank(nn.Module):
     @classmethod
     def from_config(cls, cfg, student_shapes: Dict[int, ShapeSpec], teacher_shapes: Dict[int, ShapeSpec],
                     num_classes: int):
-        strides = select_strides(
-            cfg.DISTILL.PROTOTYPES.STRIDES, student_shapes, teacher_shapes, "DISTILL.PROTOTYPES.STRIDES"
-        )
-        return cls(
-            strides,
-            {s: student_shapes[s].channels for s in strides},
-            {s: teacher_shapes[s].channels for s in strides},
-            num_classes,
-            cfg.DISTILL.PROTOTYPES.NUM,
-        )
+        node = cfg.DISTILL.PROTOTYPES
+        strides = select_strides(node.STRIDES, student_shapes, teacher_shapes, "DISTILL.PROTOTYPES.STRIDES")
+        student_channels = {s: student_shapes[s].channels for s in strides}
+        teacher_channels = {s: teacher_shapes[s].channels for s in strides}
+        source = node.get("SOURCE", "images")
+        if source not in SOURCES:
+            raise ValueError(f"DISTILL.PROTOTYPES.SOURCE must be one of {SOURCES}, got '{source}'")
+        store = None
+        if source == "online":
+            store = OnlineInstanceStore(strides, student_channels, teacher_channels, num_classes,
+                                        node.ONLINE_CAPACITY, node.MIN_SIZE)
+        return cls(strides, student_channels, teacher_channels, num_classes, node.NUM, store=store)
 
     # ---- checkpoints ----
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -94,10 +103,14 @@ class PrototypeBank(nn.Module):
     @torch.no_grad()
     def clear(self, reason: str = "") -> None:
         """Make the bank unbuilt (no valid prototype, ``num_builds`` 0): the refresh hook then
-        rebuilds it at the next step; ``reason`` goes into its log line."""
+        rebuilds it at the next step; ``reason`` goes into its log line. With a reason (e.g.
+        another teacher) the online store, if any, is emptied too; without one (a checkpoint's
+        bank that does not fit) the store keeps what it holds or loads."""
         for name, buf in self._buffers.items():
             if name not in self._non_persistent_buffers_set:
                 buf.fill_(-1.0 if name.startswith("source_") else 0)
+        if self.store is not None and reason:  # a reason (another teacher) voids its features too
+            self.store.clear()
         if reason:
             self.rebuild_reason = reason
 
