@@ -19,7 +19,8 @@ def _cell_range(lo: Tensor, hi: Tensor, stride: int, size: int):
     return first, torch.maximum(last, first)
 
 
-def instance_features(features: Tensor, boxes: Tensor, batch_index: Tensor, stride: int) -> Tensor:
+def instance_features(features: Tensor, boxes: Tensor, batch_index: Tensor, stride: int,
+                      accumulate: torch.dtype = torch.float64) -> Tensor:
     """Mean of one FPN level over the cells each box covers.
 
     Box j covers cells ``x in [floor(x1/s), floor(x2/s)]``, ``y in [floor(y1/s), floor(y2/s)]``
@@ -36,6 +37,8 @@ def instance_features(features: Tensor, boxes: Tensor, batch_index: Tensor, stri
         batch_index (Tensor): (M,) int64 index of each box's image in ``features``
             (values in [0, N); not checked, to keep the call free of host syncs).
         stride (int): the level's stride in input pixels.
+        accumulate (torch.dtype): precision of the summed-area table (float64; float32 for a
+            caller that rounds the result to float16 anyway).
 
     Returns:
         Tensor: (M, C) instance features, dtype and device of ``features``; gradients
@@ -56,18 +59,18 @@ def instance_features(features: Tensor, boxes: Tensor, batch_index: Tensor, stri
     if m == 0:
         return features.new_zeros((0, c))
 
-    boxes = boxes.to(device=features.device, dtype=torch.float64)
+    boxes = boxes.to(device=features.device, dtype=torch.float64)  # cell indices stay exact
     batch_index = batch_index.to(device=features.device, dtype=torch.long)
     x0, x1 = _cell_range(boxes[:, 0], boxes[:, 2], stride, w)
     y0, y1 = _cell_range(boxes[:, 1], boxes[:, 3], stride, h)
 
     # table[i, :, y, x] = sum of features[i, :, :y, :x] (zero first row and column).
-    table = features.to(torch.float64).cumsum(dim=2).cumsum(dim=3)
+    table = features.to(accumulate).cumsum(dim=2).cumsum(dim=3)
     table = torch.nn.functional.pad(table, (1, 0, 1, 0))
 
     def corner(y: Tensor, x: Tensor) -> Tensor:
         return table[batch_index, :, y, x]  # (M, C)
 
     total = corner(y1 + 1, x1 + 1) - corner(y0, x1 + 1) - corner(y1 + 1, x0) + corner(y0, x0)
-    count = ((y1 - y0 + 1) * (x1 - x0 + 1)).to(torch.float64)
+    count = ((y1 - y0 + 1) * (x1 - x0 + 1)).to(accumulate)
     return (total / count[:, None]).to(features.dtype)

@@ -226,8 +226,16 @@ def step_instances(batched_inputs: List[dict], gt_instances, student: Dict[int, 
         src[:, 1:] = original[keep]
         sources.append(src)
     boxes, classes, index, sources = torch.cat(boxes), torch.cat(classes), torch.cat(index), torch.cat(sources)
-    f_s = {s: instance_features(student[s].detach(), boxes, index, s).float() for s in strides}
-    f_t = {s: instance_features(teacher[s].detach(), boxes, index, s).float() for s in strides}
+    f_s, f_t = {}, {}
+    for s in strides:
+        a, b = student[s].detach(), teacher[s].detach()
+        # float32 tables (the store keeps float16); both maps in one table when they align
+        if a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:]:
+            both = instance_features(torch.cat([a.float(), b.float()], 1), boxes, index, s, torch.float32)
+            f_s[s], f_t[s] = both[:, :a.shape[1]], both[:, a.shape[1]:]
+        else:
+            f_s[s] = instance_features(a.float(), boxes, index, s, torch.float32)
+            f_t[s] = instance_features(b.float(), boxes, index, s, torch.float32)
     return classes, f_s, f_t, sources
 
 
