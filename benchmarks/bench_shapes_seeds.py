@@ -108,6 +108,8 @@ GK_VARIANTS = {
     # all three terms, the global one in the projection form or stronger
     "gk_projection": _gk_options(GLOBAL_FORM="projection"),
     **{f"gk_global_x{w}": _gk_options(GLOBAL_WEIGHT=w) for w in (10, 100)},
+    # prototypes built from the training steps' own instance features (no re-extraction)
+    "gk_online": ("DISTILL.PROTOTYPES.SOURCE", "online"),
 }
 # The RM + PFI strength sweep, sigmoid scores kept
 RM_PFI_SWEEP = {
