@@ -121,3 +121,16 @@ def test_level_rule_uses_the_plus_one_and_any_order():
     assert assign_box_levels(torch.zeros(0, 4), [8, 16]).shape == (0,)
     with pytest.raises(ValueError):
         assign_box_levels(torch.zeros(1, 4), [])
+
+
+def test_the_mask_form_pools_the_cells_of_the_summed_area_form():
+    from d2kd.prototypes.instance_features import instance_features_by_masks
+
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(3, 7, 11, 13, generator=g)
+    xy = torch.rand(9, 2, generator=g) * torch.tensor([13 * 8.0, 11 * 8.0]) - 10  # some partly outside
+    boxes = torch.cat([xy, xy + torch.rand(9, 2, generator=g) * 40], 1)
+    index = torch.tensor([0, 2, 2, 1, 0, 2, 1, 1, 0])
+    expected = instance_features(features, boxes, index, 8)
+    torch.testing.assert_close(instance_features_by_masks(features, boxes, index, 8), expected, rtol=1e-5, atol=1e-5)
+    assert instance_features_by_masks(features, boxes[:0], index[:0], 8).shape == (0, 7)

@@ -9,7 +9,7 @@ the features.
 import torch
 from torch import Tensor
 
-__all__ = ["instance_features"]
+__all__ = ["instance_features", "instance_features_by_masks"]
 
 
 def _cell_range(lo: Tensor, hi: Tensor, stride: int, size: int):
@@ -74,3 +74,32 @@ def instance_features(features: Tensor, boxes: Tensor, batch_index: Tensor, stri
     total = corner(y1 + 1, x1 + 1) - corner(y0, x1 + 1) - corner(y1 + 1, x0) + corner(y0, x0)
     count = ((y1 - y0 + 1) * (x1 - x0 + 1)).to(accumulate)
     return (total / count[:, None]).to(features.dtype)
+
+
+def instance_features_by_masks(features: Tensor, boxes: Tensor, batch_index: Tensor, stride: int) -> Tensor:
+    """:func:`instance_features` (the same cells, clamped the same way) as two masked
+    reductions per image: ``F (C*H, W) @ Mx (W, m)``, then the sum over the rows ``My`` marks.
+
+    One matrix product per call (every image's map against every box's column mask, O(N C H W
+    M)), where the summed-area table makes two cumulative sums and a padded copy of the maps:
+    for the few boxes of a training step the cheaper way, in a handful of ops. Sums in
+    ``features.dtype`` (float32 for a float16 store).
+
+    Args and returns: as :func:`instance_features`.
+    """
+    n, c, h, w = features.shape
+    m = boxes.shape[0]
+    if m == 0:
+        return features.new_zeros((0, c))
+    boxes = boxes.to(device=features.device, dtype=torch.float64)
+    batch_index = batch_index.to(device=features.device, dtype=torch.long)
+    x0, x1 = _cell_range(boxes[:, 0], boxes[:, 2], stride, w)
+    y0, y1 = _cell_range(boxes[:, 1], boxes[:, 3], stride, h)
+    cols = torch.arange(w, device=features.device)[:, None]
+    rows = torch.arange(h, device=features.device)[:, None]
+    mx = ((cols >= x0) & (cols <= x1)).to(features.dtype)  # (W, M)
+    my = ((rows >= y0) & (rows <= y1)).to(features.dtype)  # (H, M)
+    count = ((y1 - y0 + 1) * (x1 - x0 + 1)).to(features.dtype)
+    part = (features.reshape(n * c * h, w) @ mx).view(n, c, h, m)  # (N, C, H, M)
+    part = part[batch_index, :, :, torch.arange(m, device=features.device)]  # (M, C, H): own image
+    return torch.einsum("mch,hm->mc", part, my) / count[:, None]

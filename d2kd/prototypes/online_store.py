@@ -5,7 +5,7 @@ class), re-extracting the student's features of every one at each refresh (docs/
 1.2-1.3). With ``DISTILL.PROTOTYPES.SOURCE "online"`` a build instead selects from an
 :class:`OnlineInstanceStore`: at every distillation step the student's and the teacher's FPN
 maps of the step (both computed by the step anyway) are pooled at the step's GT boxes
-(:func:`~d2kd.prototypes.instance_features.instance_features`, the same pooling and
+(:func:`~d2kd.prototypes.instance_features.instance_features_by_masks`, the same pooling and
 ``MIN_SIZE`` rule as the paper's refresh) and written into a per-class ring of
 ``ONLINE_CAPACITY`` instances at every stride of the bank, so a build re-extracts nothing.
 """
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .instance_features import instance_features
+from .instance_features import instance_features_by_masks
 
 logger = logging.getLogger(__name__)
 
@@ -226,16 +226,9 @@ def step_instances(batched_inputs: List[dict], gt_instances, student: Dict[int, 
         src[:, 1:] = original[keep]
         sources.append(src)
     boxes, classes, index, sources = torch.cat(boxes), torch.cat(classes), torch.cat(index), torch.cat(sources)
-    f_s, f_t = {}, {}
-    for s in strides:
-        a, b = student[s].detach(), teacher[s].detach()
-        # float32 tables (the store keeps float16); both maps in one table when they align
-        if a.shape[0] == b.shape[0] and a.shape[2:] == b.shape[2:]:
-            both = instance_features(torch.cat([a.float(), b.float()], 1), boxes, index, s, torch.float32)
-            f_s[s], f_t[s] = both[:, :a.shape[1]], both[:, a.shape[1]:]
-        else:
-            f_s[s] = instance_features(a.float(), boxes, index, s, torch.float32)
-            f_t[s] = instance_features(b.float(), boxes, index, s, torch.float32)
+    # float32 sums (the store keeps float16), by masks: a few boxes per image
+    f_s = {s: instance_features_by_masks(student[s].detach().float(), boxes, index, s) for s in strides}
+    f_t = {s: instance_features_by_masks(teacher[s].detach().float(), boxes, index, s) for s in strides}
     return classes, f_s, f_t, sources
 
 
