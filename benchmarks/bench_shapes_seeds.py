@@ -91,6 +91,9 @@ def _gk_options(**values) -> Tuple[str, ...]:
 # GK's terms switched off by weight 0 (the prototypes are still built: the robust weights of
 # the terms left on need them); run only when named
 GK_VARIANTS = {
+    # every weight 0: the distillation machinery (teacher, prototype builds, adapters) with no
+    # loss, a control for the student alone
+    "gk_none": _gk_options(GLOBAL_WEIGHT=0, FEATURE_WEIGHT=0, RESPONSE_WEIGHT=0),
     "gk_global": _gk_options(FEATURE_WEIGHT=0, RESPONSE_WEIGHT=0),
     "gk_feature": _gk_options(GLOBAL_WEIGHT=0, RESPONSE_WEIGHT=0),
     "gk_response": _gk_options(GLOBAL_WEIGHT=0, FEATURE_WEIGHT=0),
