@@ -238,3 +238,14 @@ def test_an_unknown_source_is_refused(tmp_path):
     cfg.DISTILL.PROTOTYPES.SOURCE = "cache"
     with pytest.raises(ValueError, match="SOURCE"):
         build_model(cfg)
+
+
+def test_another_teacher_empties_the_store_a_misfit_bank_does_not():
+    from d2kd.prototypes.bank import PrototypeBank
+
+    bank = PrototypeBank([8, 16], {8: 2, 16: 2}, {8: 3, 16: 3}, 3, 2, store=_store())
+    bank.store.add(*_rows([0, 1]), iteration=1)
+    bank.clear()  # a checkpoint's bank of another shape: the store keeps what it holds
+    assert len(bank.store) == 2
+    bank.clear("the checkpoint's prototypes were built with another teacher")
+    assert len(bank.store) == 0
