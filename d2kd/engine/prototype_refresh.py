@@ -483,10 +483,17 @@ class PrototypeRefreshHook(HookBase):
     :func:`per_class_image_subsets`) and kept for the whole run. Each rank extracts instance
     features from its share of them; the teacher's are computed at the first build and kept
     (in CPU memory: the teacher is frozen and the images fixed), only the student's are
-    extracted again. The features are gathered, the (class, stride) selections split among
-    the ranks and their results gathered, so all ranks write identical prototypes.
+    extracted again, from the read images kept across builds (``IMAGE_CACHE_BYTES``). The
+    features are gathered, the (class, stride) selections split among the ranks and their
+    results gathered, so all ranks write identical prototypes.
 
-    Each build is logged (images, instances and prototypes per class and stride, time), with a
+    With ``DISTILL.PROTOTYPES.SOURCE "online"`` a build selects from the bank's
+    :class:`~d2kd.prototypes.online_store.OnlineInstanceStore` (filled by the training steps,
+    the same on every rank) and extracts nothing; only while the store is empty does it read
+    the images as above.
+
+    Each build is logged (images or store, instances and prototypes per class and stride,
+    time and its phases), with a
     warning for classes or strides left without prototypes. The trainer puts this hook before
     detectron2's IterationTimer, so a build counts as hook time, not iteration time.
     """
@@ -621,3 +628,5 @@ class PrototypeRefreshHook(HookBase):
         storage = get_event_storage()
         storage.put_scalar("distill/prototype_refresh_time", elapsed, smoothing_hint=False)
         storage.put_scalar("distill/prototypes_per_class", counts.mean().item(), smoothing_hint=False)
+        if store is not None:
+            storage.put_scalar("distill/prototype_store_instances", len(store), smoothing_hint=False)
