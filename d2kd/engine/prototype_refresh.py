@@ -604,8 +604,9 @@ class PrototypeRefreshHook(HookBase):
             merged = online_feature_sets(store)
             self.timings["store"] = time.perf_counter() - start
             ages = store.ages(iteration)
-            what = (f"{len(store)} instances of the online store (seen {int(ages.min())}-{int(ages.max())} "
-                    f"steps ago, median {int(ages.median())})")
+            what = f"{len(store)} instances of the online store"
+            if ages is not None:
+                what += f" (seen {int(ages.min())}-{int(ages.max())} steps ago, median {int(ages.median())})"
         else:
             if store is not None:
                 logger.info(f"Prototype build at iteration {iteration}: the online store is empty (no "
