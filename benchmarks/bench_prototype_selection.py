@@ -124,7 +124,7 @@ def worker(spec):
     device = torch.device(spec["device"])
     fs, ft = make_problem(spec["n"], spec["dim"], spec["seed"], device)
     fn = METHODS[spec["method"]]
-    fn(*make_problem(64, spec["dim"], 1, device), spec["k"], spec["alpha"])  # load kernels
+    fn(*make_problem(512, spec["dim"], 1, device), spec["k"], spec["alpha"])  # load the kernels of every path
     _sync(device)
     times, out = [], None
     if device.type == "cuda":
@@ -164,6 +164,7 @@ def sizes_table(args):
     print(f"device={args.device} threads={args.threads} D={args.dim} K={args.k} alpha={args.alpha} "
           f"(clustered synthetic features; each cell its own process)")
     methods = ["before", "auto", "cached"] + (["baseline"] if args.baseline else [])
+    differ = []
     header = f"{'N':>6} {'|cand|':>6} | " + " | ".join(f"{m + ' s':>11} {'peak':>9} {'same':>4}" for m in methods)
     print(header)
     print("-" * len(header))
@@ -180,12 +181,16 @@ def sizes_table(args):
                 cells.append(f"{'failed: ' + r['error'][:14]:>26}")
                 continue
             same = "-" if m == "before" or "error" in ref else ("yes" if r["indices"] == ref["indices"] else "NO")
+            if same == "NO":
+                differ.append((m, n))
             cells.append(f"{r['time']:>11.2f} {_fmt_mem(r['peak']):>9} {same:>4}")
         g = ref.get("candidates", results["auto"].get("candidates", -1))
         print(f"{n:>6} {g:>6} | " + " | ".join(cells), flush=True)
     print("peak = measured (CPU: peak RSS - RSS before the call; CUDA: max allocated - allocated "
           f"before). Times: best of {args.repeats} (before, baseline: 1 run). same = the same "
           "indices as 'before'.")
+    if differ:
+        sys.exit(f"bench_prototype_selection: other picks than 'before' for (method, N) {differ}")
 
 
 def coco_like_sizes(images: int, budget: int, min_size: float = 30):
