@@ -81,6 +81,7 @@ def coco_payoff(args):
     print("|" + "---|" * (3 + len(args.latency_threads)))
     for title, mcfg in models:
         mcfg = mcfg.clone()
+        mcfg.defrost()
         mcfg.MODEL.WEIGHTS = ""
         torch.manual_seed(0)
         model = build_model(mcfg).eval()
