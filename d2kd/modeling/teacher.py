@@ -95,7 +95,7 @@ def load_teacher_weights(teacher, weights: str, allow_pickle: bool = False) -> s
     except Exception as e:  # download errors come in many types; name the key in any case
         raise TeacherConfigError(
             f"DISTILL.TEACHER.WEIGHTS = '{weights}' could not be fetched: {e}"
-        ) from e
+        ) from None  # the message carries the cause; a chained traceback would print it twice
     if os.path.isdir(local):
         found = sorted(f for f in os.listdir(local) if f.endswith((".pth", ".pkl")))
         example = "model_final.pth" if "model_final.pth" in found else (found[-1] if found else "")
