@@ -23,7 +23,6 @@ module is specialised to the device it was traced on (MODEL.DEVICE). ONNX is not
 see the README ("Deployment formats").
 """
 import io
-import logging
 import warnings
 from typing import Dict, List, Optional, Sequence
 
@@ -34,8 +33,6 @@ from detectron2.export import TracingAdapter
 from detectron2.modeling.meta_arch import GeneralizedRCNN
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["TORCHSCRIPT_OUTPUTS", "FORMATS", "trace_student", "test_time_input", "TorchScriptPredictor",
            "predictions_difference", "as_prediction_dicts", "ParityError", "DEFAULT_TOLERANCE"]
