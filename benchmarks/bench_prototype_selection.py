@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from d2kd.prototypes.selection import dense_candidates, select_prototypes
-from d2kd.utils.experiment import add_threads_argument, set_cpu_threads
+from d2kd.utils.threads import add_threads_argument, set_cpu_threads
 
 GIB = float(1 << 30)
 

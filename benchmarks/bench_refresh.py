@@ -50,7 +50,7 @@ sys.path.insert(0, REPO)
 import d2kd  # noqa: E402,F401
 import d2kd.modeling.distill_mixin as mixin_module  # noqa: E402
 from d2kd.config import load_config  # noqa: E402
-from d2kd.utils.experiment import add_threads_argument, set_cpu_threads  # noqa: E402
+from d2kd.utils.threads import add_threads_argument, set_cpu_threads  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "configs", "shapes")
 

@@ -44,7 +44,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import d2kd  # noqa: E402,F401
 from d2kd.data import ensure_shapes_generated  # noqa: E402
-from d2kd.utils.experiment import SHAPES_PAIRS, add_threads_argument, run_stages, set_cpu_threads  # noqa: E402
+from d2kd.engine.experiment import SHAPES_PAIRS, run_stages  # noqa: E402
+from d2kd.utils.threads import add_threads_argument, set_cpu_threads  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "configs", "shapes")

@@ -34,7 +34,7 @@ sys.path.insert(0, REPO)  # run from a checkout without installing
 import d2kd  # noqa: E402,F401
 from d2kd.config import load_config  # noqa: E402
 from d2kd.engine.prototype_refresh import collect_instance_features, rebuild_bank  # noqa: E402
-from d2kd.utils.experiment import add_threads_argument, set_cpu_threads  # noqa: E402
+from d2kd.utils.threads import add_threads_argument, set_cpu_threads  # noqa: E402
 from detectron2.data import build_detection_train_loader  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import Boxes  # noqa: E402

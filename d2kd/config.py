@@ -1,4 +1,9 @@
-"""The ``cfg.DISTILL`` node: teacher, enabled heads, per-head weights, schedule, prototypes."""
+"""The ``cfg.DISTILL`` node: teacher, enabled heads, schedule, prototypes.
+
+Each distillation head owns its own node (``cfg.DISTILL.<NAME>``, added by the head class's
+``add_config`` in its own file); ``add_distill_config`` collects the nodes of every head
+registered when it runs, so a new method touches its head file, its configs and its tests only.
+"""
 from detectron2.config import CfgNode as CN
 
 
@@ -7,7 +12,8 @@ def add_distill_config(cfg):
     in place.
 
     Call it on ``get_cfg()`` before ``merge_from_file``; every key has a default, so a config
-    that names no distillation keys still loads.
+    that names no distillation keys still loads. The heads' nodes come from the heads registered
+    at the time of the call: import a module that registers a head of your own before this.
     """
     _C = cfg
     _C.DISTILL = CN()
@@ -31,29 +37,6 @@ def add_distill_config(cfg):
     _C.DISTILL.SCHEDULE.START_ITER = 0
     # Multiply the decaying terms of every head that enables DECAY by (1 - iter / MAX_ITER).
     _C.DISTILL.SCHEDULE.LINEAR_DECAY = False
-
-    # FitNet: lambda * mean((A(F_s) - F_t)^2) over whole FPN maps (docs/METHODS.md section 5).
-    _C.DISTILL.FITNET = CN()
-    _C.DISTILL.FITNET.WEIGHT = 1.0
-    # Strides to distil; empty means every stride that student and teacher both have.
-    _C.DISTILL.FITNET.STRIDES = []
-    # Adapter on the student side: "auto" (only when channels differ) or "always".
-    _C.DISTILL.FITNET.ADAPTER = "auto"
-    _C.DISTILL.FITNET.ADAPTER_KERNEL = 1
-    _C.DISTILL.FITNET.ADAPTER_RELU = False
-    # Weight the cells covered by each GT box by its GK robust weight (GK paper, Table 4).
-    _C.DISTILL.FITNET.ROBUST_WEIGHTS = False
-    # Follow DISTILL.SCHEDULE.LINEAR_DECAY.
-    _C.DISTILL.FITNET.DECAY = True
-
-    # Vanilla KD on class logits: RoI logits on shared proposals (R-CNN) or positive anchors'
-    # class logits (RetinaNet).
-    _C.DISTILL.KD = CN()
-    _C.DISTILL.KD.WEIGHT = 1.0
-    _C.DISTILL.KD.TEMPERATURE = 2.0
-    # Weight positive RoIs / anchors by the robust weight of their matched GT (GK Table 4).
-    _C.DISTILL.KD.ROBUST_WEIGHTS = False
-    _C.DISTILL.KD.DECAY = False
 
     # Prototype generation (GK's PGM, docs/METHODS.md section 1.2-1.3); used by the GK head and by
     # any head with ROBUST_WEIGHTS on.
@@ -88,139 +71,11 @@ def add_distill_config(cfg):
     # With SOURCE "images": bytes of read and resized images each rank keeps across builds (0: none).
     _C.DISTILL.PROTOTYPES.IMAGE_CACHE_BYTES = 1 << 30
 
-    # Global Knowledge distillation (GK's RDM, docs/METHODS.md section 1.4-1.5).
-    _C.DISTILL.GK = CN()
-    # Paper weights (global, local feature, local response) = (1, 1, 5).
-    _C.DISTILL.GK.GLOBAL_WEIGHT = 1.0
-    _C.DISTILL.GK.FEATURE_WEIGHT = 1.0
-    _C.DISTILL.GK.RESPONSE_WEIGHT = 5.0
-    # Relative weights of the foreground and background parts of the local feature loss.
-    _C.DISTILL.GK.FG_WEIGHT = 1.0
-    _C.DISTILL.GK.BG_WEIGHT = 4.0
-    _C.DISTILL.GK.TEMPERATURE = 2.0
-    _C.DISTILL.GK.STRIDES = []
-    # Student-side adapter before the feature term: a kernel x kernel conv, then "relu",
-    # "none", or "auto" (the authors': none for two-stage students, ReLU for dense ones).
-    _C.DISTILL.GK.ADAPTER_KERNEL = 3
-    _C.DISTILL.GK.ADAPTER_ACTIVATION = "auto"
-    # Instances for the mask, robust weights and global term: "positive_rois" (the student's
-    # foreground sampled RoIs with their matched classes, the authors' Faster R-CNN choice),
-    # "gt" (GT boxes), or "auto" (positive_rois for two-stage students, gt for dense ones).
-    _C.DISTILL.GK.INSTANCES = "auto"
-    # Rows of the response KL for two-stage students: "positive" RoIs (authors) or "all".
-    _C.DISTILL.GK.RESPONSE_ROIS = "positive"
-    # Feature term over levels: "mean", "sum", or "auto" (authors: mean two-stage, sum dense).
-    _C.DISTILL.GK.LEVEL_REDUCTION = "auto"
-    # Follow DISTILL.SCHEDULE.LINEAR_DECAY (the reference decays global and feature terms only).
-    _C.DISTILL.GK.DECAY = True
-    # Global term (Eq. 6): "cosine" (smooth-L1 element mean of the robust-weighted rows of
-    # instance-to-prototype cosines, the authors' code) or "projection" (the paper's text: Eq. 5's
-    # coefficients with DISTILL.PROTOTYPES.ALPHA, summed over prototypes, divided by the instances).
-    _C.DISTILL.GK.GLOBAL_FORM = "cosine"
-    # Robust weights (Eq. 8) on the mask, the response rows and the global term; False: all 1.
-    _C.DISTILL.GK.ROBUST_WEIGHTS = True
+    # every registered head's own node (imported here: the heads package imports this module's
+    # callers, never the reverse at import time)
+    from .heads.registry import add_head_configs
 
-    # PKD: 1/2 mean((S^ - T^)^2) of per-channel standardised FPN maps (docs/METHODS.md section 2).
-    _C.DISTILL.PKD = CN()
-    # Loss weight; -1 picks the released one by the student's kind: 6 two-stage, 10 dense.
-    _C.DISTILL.PKD.WEIGHT = -1.0
-    # Strides to distil; empty means the NUM_LEVELS finest strides both models have.
-    _C.DISTILL.PKD.STRIDES = []
-    # With STRIDES empty: how many shared strides, finest first (released: 4); 0 means all.
-    _C.DISTILL.PKD.NUM_LEVELS = 4
-    # Follow DISTILL.SCHEDULE.LINEAR_DECAY (the released configs do not decay).
-    _C.DISTILL.PKD.DECAY = False
-
-    # FGFI: feature imitation on the cells of near-object anchors (docs/METHODS.md section 5).
-    _C.DISTILL.FGFI = CN()
-    # lambda of lambda / (2 sum(I)) * sum(I (A(F_s) - F_t)^2) (a sum over channels, as the paper).
-    _C.DISTILL.FGFI.WEIGHT = 0.01
-    # psi: an anchor is near a GT when its IoU exceeds psi times that GT's best anchor IoU.
-    _C.DISTILL.FGFI.THRESHOLD = 0.5
-    # What psi's "best anchor IoU" of a GT is taken over: "all_levels" (every anchor, the paper's
-    # rule read literally), "each_level" (per level), "assigned_level" (the DeFeat/GK code base).
-    _C.DISTILL.FGFI.MAX_IOU_OVER = "all_levels"
-    # Iterations at the start of training without the FGFI term (the paper: 400).
-    _C.DISTILL.FGFI.START_ITER = 400
-    _C.DISTILL.FGFI.STRIDES = []
-    # Student-side adapter, always present (the paper: 3x3 conv + ReLU).
-    _C.DISTILL.FGFI.ADAPTER_KERNEL = 3
-    _C.DISTILL.FGFI.ADAPTER_RELU = True
-    # Adapter init: "msra" (d2kd's adapters) or "trunc_normal" (FGFI's code: std 1e-4, within 2 std).
-    _C.DISTILL.FGFI.ADAPTER_INIT = "msra"
-    _C.DISTILL.FGFI.DECAY = False
-
-    # DeFeat: decoupled fg / bg feature imitation plus fg / bg RoI KL (docs/METHODS.md section 5).
-    _C.DISTILL.DEFEAT = CN()
-    # Feature terms (GK's fg / bg normalisation, levels averaged); DeFeat's VOC config: 3 / 12.
-    _C.DISTILL.DEFEAT.FG_WEIGHT = 3.0
-    _C.DISTILL.DEFEAT.BG_WEIGHT = 12.0
-    # RoI-head KL over foreground and over background RoIs, each a mean over its own RoIs
-    # (two-stage students only; 0 for both lets a dense teacher teach a two-stage student).
-    _C.DISTILL.DEFEAT.KL_FG_WEIGHT = 2.0
-    _C.DISTILL.DEFEAT.KL_BG_WEIGHT = 2.0
-    _C.DISTILL.DEFEAT.TEMPERATURE = 1.0
-    _C.DISTILL.DEFEAT.STRIDES = []
-    # Student-side adapter, always present (DeFeat's code: 3x3 conv, no ReLU).
-    _C.DISTILL.DEFEAT.ADAPTER_KERNEL = 3
-    _C.DISTILL.DEFEAT.ADAPTER_RELU = False
-    # Weight the foreground cells by the GT boxes' GK robust weights (GK paper, Table 4).
-    _C.DISTILL.DEFEAT.ROBUST_WEIGHTS = False
-    # Follow DISTILL.SCHEDULE.LINEAR_DECAY (feature terms only, as GK's).
-    _C.DISTILL.DEFEAT.DECAY = False
-
-    # RKD: distance and angle relations among the GT instance embeddings at each level.
-    _C.DISTILL.RKD = CN()
-    _C.DISTILL.RKD.DISTANCE_WEIGHT = 25.0
-    _C.DISTILL.RKD.ANGLE_WEIGHT = 50.0
-    # L2-normalise the instance embeddings before relating them (mmrazor's RKD default).
-    _C.DISTILL.RKD.L2_NORM = True
-    # Replace the instance relations by GK's robust-weighted instance-to-prototype rows
-    # (GK paper, Table 4); needs the prototypes of DISTILL.PROTOTYPES.
-    _C.DISTILL.RKD.GLOBAL = False
-    _C.DISTILL.RKD.GLOBAL_WEIGHT = 1.0
-    _C.DISTILL.RKD.STRIDES = []
-    _C.DISTILL.RKD.DECAY = False
-
-    # Rank Mimicking (docs/METHODS.md section 4): per GT box, KL(teacher || student) of the softmax
-    # over its positive anchors of their scores for its class (dense students).
-    _C.DISTILL.RANK_MIMIC = CN()
-    _C.DISTILL.RANK_MIMIC.WEIGHT = 4.0
-    # Scores softmaxed over the candidates: "sigmoid" (class probabilities) or "logits".
-    _C.DISTILL.RANK_MIMIC.SCORES = "sigmoid"
-    # T of softmax(score / T) over the candidates (the spec: 1); < 1 sharpens sigmoid scores.
-    _C.DISTILL.RANK_MIMIC.TEMPERATURE = 1.0
-    _C.DISTILL.RANK_MIMIC.DECAY = False
-
-    # Prediction-guided Feature Imitation (docs/METHODS.md section 4): feature imitation per cell
-    # weighted by the detached squared class-prediction difference (dense students).
-    _C.DISTILL.PFI = CN()
-    _C.DISTILL.PFI.WEIGHT = 1.5
-    # Predictions compared: "sigmoid" (class probabilities) or "logits".
-    _C.DISTILL.PFI.SCORES = "sigmoid"
-    _C.DISTILL.PFI.STRIDES = []
-    # Student-side adapter A: "always" or "auto" (only when channels differ).
-    _C.DISTILL.PFI.ADAPTER = "always"
-    _C.DISTILL.PFI.ADAPTER_KERNEL = 1
-    _C.DISTILL.PFI.ADAPTER_RELU = False
-    _C.DISTILL.PFI.DECAY = False
-
-    # Localization Distillation (docs/METHODS.md section 3) for GFL students and teachers: edge-
-    # distribution KL on the main region and the valuable localisation region, class KD.
-    _C.DISTILL.LD = CN()
-    # Main region (the student's positive anchors), weighted by the student's max class score.
-    _C.DISTILL.LD.WEIGHT = 0.25
-    # Valuable localisation region: 0.25 t_g <= DIoU(anchor, g) < t_g, weighted by the IoU.
-    _C.DISTILL.LD.VLR_WEIGHT = 0.25
-    _C.DISTILL.LD.VLR_LOWER = 0.25
-    # Temperature of the edge-distribution KL.
-    _C.DISTILL.LD.TEMPERATURE = 10.0
-    # Class KD (softmax over classes) on the main region's anchors; 0 turns it off.
-    _C.DISTILL.LD.KD_WEIGHT = 10.0
-    _C.DISTILL.LD.KD_TEMPERATURE = 2.0
-    # ATSS candidates per level for t_g (mean + std of their IoUs).
-    _C.DISTILL.LD.TOPK = 9
-    _C.DISTILL.LD.DECAY = False
+    add_head_configs(cfg)
     add_gfl_config(cfg)  # so every d2kd config loader knows d2kd's GFL meta-architecture
     return cfg
 

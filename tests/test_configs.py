@@ -107,7 +107,7 @@ def test_the_demo_pairs_name_shipped_configs_and_their_distilled_students_the_pa
     retrained config must stay consistent with what they run."""
     import importlib.util
 
-    from d2kd.utils.experiment import SHAPES_PAIRS
+    from d2kd.engine.experiment import SHAPES_PAIRS
 
     spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO, "tools", "demo.py"))
     demo = importlib.util.module_from_spec(spec)
@@ -133,7 +133,7 @@ def test_every_benchmark_method_loads_with_its_options_and_names_its_teacher_pai
     import importlib.util
 
     from d2kd.heads.registry import available_heads
-    from d2kd.utils.experiment import SHAPES_PAIRS
+    from d2kd.engine.experiment import SHAPES_PAIRS
 
     path = os.path.join(REPO, "benchmarks", "bench_shapes_seeds.py")
     spec = importlib.util.spec_from_file_location("bench_shapes_seeds", path)

@@ -1,4 +1,4 @@
-"""The CPU thread policy (d2kd.utils.experiment.cpu_threads): --threads, else OMP_NUM_THREADS,
+"""The CPU thread policy (d2kd.utils.threads.cpu_threads): --threads, else OMP_NUM_THREADS,
 else every core, split among the stages the demo runs side by side."""
 import json
 import os
@@ -9,7 +9,8 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from d2kd.utils import experiment
+from d2kd.engine import experiment
+from d2kd.utils import threads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +22,7 @@ def machine(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored after, even once exported
 
     def cores(n):
-        monkeypatch.setattr(experiment, "_available_cores", lambda: n, raising=False)
+        monkeypatch.setattr(threads, "_available_cores", lambda: n, raising=False)
         monkeypatch.setattr(os, "cpu_count", lambda: n)  # what the code before the policy read
 
     cores(2)
@@ -30,18 +31,18 @@ def machine(monkeypatch):
 
 
 def test_the_thread_budget_is_the_flag_else_omp_num_threads_else_every_core(machine, monkeypatch):
-    assert experiment.cpu_threads() == 2
-    assert experiment.cpu_threads(side_by_side=2) == 1 and experiment.cpu_threads(side_by_side=3) == 1
+    assert threads.cpu_threads() == 2
+    assert threads.cpu_threads(side_by_side=2) == 1 and threads.cpu_threads(side_by_side=3) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert experiment.cpu_threads() == 1
-    assert experiment.cpu_threads(4) == 4 and experiment.cpu_threads(4, side_by_side=2) == 2  # the flag wins
+    assert threads.cpu_threads() == 1
+    assert threads.cpu_threads(4) == 4 and threads.cpu_threads(4, side_by_side=2) == 2  # the flag wins
     monkeypatch.setenv("OMP_NUM_THREADS", "3,1")  # OpenMP's nested form: the outer level
-    assert experiment.cpu_threads() == 3
+    assert threads.cpu_threads() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "two")
     with pytest.raises(ValueError, match=r"OMP_NUM_THREADS='two' is not a number of threads >= 1"):
-        experiment.cpu_threads()
+        threads.cpu_threads()
     with pytest.raises(ValueError, match=r"--threads -1"):
-        experiment.cpu_threads(-1)
+        threads.cpu_threads(-1)
 
 
 class _RecordingPool:

@@ -126,7 +126,7 @@ def test_own_coco_dataset_through_the_documented_launcher(tmp_path):
 
 def test_a_finished_stage_is_reused_and_an_interrupted_one_resumes(tmp_path, shapes_cache, monkeypatch):
     """What `make demo` relies on to skip finished stages and resume interrupted ones."""
-    from d2kd.utils import experiment
+    from d2kd.engine import experiment
 
     cfg = training_cfg(tmp_path, max_iter=4)
     cfg.DATASETS.TEST = ("d2kd_shapes_val",)

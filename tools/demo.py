@@ -29,8 +29,8 @@ import d2kd  # noqa: E402,F401
 from d2kd.config import load_config  # noqa: E402
 from d2kd.data import ensure_shapes_generated  # noqa: E402
 from d2kd.model_zoo.payoff import payoff_table  # noqa: E402
-from d2kd.utils.experiment import (  # noqa: E402
-    SHAPES_PAIRS, add_threads_argument, comparison_table, run_comparison, set_cpu_threads)
+from d2kd.engine.experiment import SHAPES_PAIRS, comparison_table, run_comparison  # noqa: E402
+from d2kd.utils.threads import add_threads_argument, set_cpu_threads  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 

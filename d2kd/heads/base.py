@@ -15,9 +15,10 @@ class DistillHead(nn.Module):
     """Base class of the modules in ``DISTILL_HEAD_REGISTRY`` (see its docstring).
 
     Subclasses implement ``forward(ctx) -> dict[str, Tensor]`` and set ``requires`` (the
-    context keys they read; both models' features by default). The head's config node, if
-    the config has one, is ``cfg.DISTILL.<NAME>`` (e.g. ``cfg.DISTILL.FITNET``); a node with
-    ``DECAY`` True follows ``DISTILL.SCHEDULE.LINEAR_DECAY``.
+    context keys they read; both models' features by default). A head with settings owns its
+    config node ``cfg.DISTILL.<NAME>`` (e.g. ``cfg.DISTILL.FITNET``): it overrides
+    :meth:`add_config`, which ``d2kd.add_distill_config`` calls for every registered head. A
+    node with ``DECAY`` True follows ``DISTILL.SCHEDULE.LINEAR_DECAY``.
     """
 
     requires: FrozenSet[str] = frozenset({"student.features", "teacher.features"})
@@ -25,10 +26,22 @@ class DistillHead(nn.Module):
     # way out (e.g. GK: turn off the term that needs it), if it has one.
     requirement_hint: str = ""
 
+    @classmethod
+    def add_config(cls, cfg) -> None:
+        """Add this head's node ``cfg.DISTILL.<NAME>`` with its keys and defaults (a head with no
+        settings adds nothing)."""
+
     def __init__(self, cfg, student_shapes: Dict[int, ShapeSpec], teacher_shapes: Dict[int, ShapeSpec]):
         super().__init__()
         self.name = head_name(type(self))
         self.node = cfg.DISTILL.get(self.name.upper())
+        if self.node is None and _owns_config(type(self)):
+            raise KeyError(
+                f"distillation head '{self.name}' has settings, but this config has no DISTILL."
+                f"{self.name.upper()}: it was made before the head's module "
+                f"({type(self).__module__}) was imported. Import that module first, then build "
+                "the config with d2kd.add_distill_config (or d2kd.config.load_config)"
+            )
         # weights, temperatures, periods, counts: one place, one message (d2kd/value_checks.py)
         check_distill_values(cfg, [f"DISTILL.{self.name.upper()}"])
         # The reference GK config decays terms linearly to 0 over training; opt-in per head.
@@ -69,3 +82,8 @@ class DistillHead(nn.Module):
     def select_strides(requested, student_shapes, teacher_shapes, key: str) -> List[int]:
         """See :func:`d2kd.structures.select_strides`."""
         return select_strides(requested, student_shapes, teacher_shapes, key)
+
+
+def _owns_config(cls) -> bool:
+    """Whether ``cls`` (or a head it derives from) overrides :meth:`DistillHead.add_config`."""
+    return cls.add_config.__func__ is not DistillHead.add_config.__func__

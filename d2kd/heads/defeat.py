@@ -1,6 +1,7 @@
 """DeFeat: decoupled foreground / background distillation (docs/METHODS.md section 5)."""
 from typing import Dict
 
+from detectron2.config import CfgNode as CN
 from torch import Tensor
 
 from .adapters import StrideAdapters
@@ -34,6 +35,29 @@ class DeFeatHead(DistillHead):
       them). Dense students get the feature terms only (DeFeat's code distils RetinaNet's
       FPN features alone).
     """
+
+    @classmethod
+    def add_config(cls, cfg):
+        """Add ``cfg.DISTILL.DEFEAT``, this head's keys and their defaults."""
+        _C = cfg
+        # DeFeat: decoupled fg / bg feature imitation plus fg / bg RoI KL (docs/METHODS.md section 5).
+        _C.DISTILL.DEFEAT = CN()
+        # Feature terms (GK's fg / bg normalisation, levels averaged); DeFeat's VOC config: 3 / 12.
+        _C.DISTILL.DEFEAT.FG_WEIGHT = 3.0
+        _C.DISTILL.DEFEAT.BG_WEIGHT = 12.0
+        # RoI-head KL over foreground and over background RoIs, each a mean over its own RoIs
+        # (two-stage students only; 0 for both lets a dense teacher teach a two-stage student).
+        _C.DISTILL.DEFEAT.KL_FG_WEIGHT = 2.0
+        _C.DISTILL.DEFEAT.KL_BG_WEIGHT = 2.0
+        _C.DISTILL.DEFEAT.TEMPERATURE = 1.0
+        _C.DISTILL.DEFEAT.STRIDES = []
+        # Student-side adapter, always present (DeFeat's code: 3x3 conv, no ReLU).
+        _C.DISTILL.DEFEAT.ADAPTER_KERNEL = 3
+        _C.DISTILL.DEFEAT.ADAPTER_RELU = False
+        # Weight the foreground cells by the GT boxes' GK robust weights (GK paper, Table 4).
+        _C.DISTILL.DEFEAT.ROBUST_WEIGHTS = False
+        # Follow DISTILL.SCHEDULE.LINEAR_DECAY (feature terms only, as GK's).
+        _C.DISTILL.DEFEAT.DECAY = False
 
     def __init__(self, cfg, student_shapes, teacher_shapes):
         super().__init__(cfg, student_shapes, teacher_shapes)

@@ -2,6 +2,7 @@
 from typing import Dict, Sequence, Tuple
 
 import torch
+from detectron2.config import CfgNode as CN
 from torch import Tensor
 
 from ..structures import AnchorMatches, assign_box_levels
@@ -85,6 +86,29 @@ class FGFIHead(DistillHead):
     term is 0 before ``START_ITER`` (the paper: 400 iterations; the teacher does not run then,
     and the adapter stays in the graph). Produces ``loss_distill_fgfi``.
     """
+
+    @classmethod
+    def add_config(cls, cfg):
+        """Add ``cfg.DISTILL.FGFI``, this head's keys and their defaults."""
+        _C = cfg
+        # FGFI: feature imitation on the cells of near-object anchors (docs/METHODS.md section 5).
+        _C.DISTILL.FGFI = CN()
+        # lambda of lambda / (2 sum(I)) * sum(I (A(F_s) - F_t)^2) (a sum over channels, as the paper).
+        _C.DISTILL.FGFI.WEIGHT = 0.01
+        # psi: an anchor is near a GT when its IoU exceeds psi times that GT's best anchor IoU.
+        _C.DISTILL.FGFI.THRESHOLD = 0.5
+        # What psi's "best anchor IoU" of a GT is taken over: "all_levels" (every anchor, the paper's
+        # rule read literally), "each_level" (per level), "assigned_level" (the DeFeat/GK code base).
+        _C.DISTILL.FGFI.MAX_IOU_OVER = "all_levels"
+        # Iterations at the start of training without the FGFI term (the paper: 400).
+        _C.DISTILL.FGFI.START_ITER = 400
+        _C.DISTILL.FGFI.STRIDES = []
+        # Student-side adapter, always present (the paper: 3x3 conv + ReLU).
+        _C.DISTILL.FGFI.ADAPTER_KERNEL = 3
+        _C.DISTILL.FGFI.ADAPTER_RELU = True
+        # Adapter init: "msra" (d2kd's adapters) or "trunc_normal" (FGFI's code: std 1e-4, within 2 std).
+        _C.DISTILL.FGFI.ADAPTER_INIT = "msra"
+        _C.DISTILL.FGFI.DECAY = False
 
     def __init__(self, cfg, student_shapes, teacher_shapes):
         super().__init__(cfg, student_shapes, teacher_shapes)

@@ -2,6 +2,7 @@
 from typing import Dict
 
 import torch
+from detectron2.config import CfgNode as CN
 from torch import Tensor
 
 from .adapters import StrideAdapters
@@ -19,6 +20,24 @@ class FitNetHead(DistillHead):
     by the box's GK robust weight (the largest where boxes overlap), other cells by 1 (GK
     paper, Table 4). Produces ``loss_distill_fitnet``.
     """
+
+    @classmethod
+    def add_config(cls, cfg):
+        """Add ``cfg.DISTILL.FITNET``, this head's keys and their defaults."""
+        _C = cfg
+        # FitNet: lambda * mean((A(F_s) - F_t)^2) over whole FPN maps (docs/METHODS.md section 5).
+        _C.DISTILL.FITNET = CN()
+        _C.DISTILL.FITNET.WEIGHT = 1.0
+        # Strides to distil; empty means every stride that student and teacher both have.
+        _C.DISTILL.FITNET.STRIDES = []
+        # Adapter on the student side: "auto" (only when channels differ) or "always".
+        _C.DISTILL.FITNET.ADAPTER = "auto"
+        _C.DISTILL.FITNET.ADAPTER_KERNEL = 1
+        _C.DISTILL.FITNET.ADAPTER_RELU = False
+        # Weight the cells covered by each GT box by its GK robust weight (GK paper, Table 4).
+        _C.DISTILL.FITNET.ROBUST_WEIGHTS = False
+        # Follow DISTILL.SCHEDULE.LINEAR_DECAY.
+        _C.DISTILL.FITNET.DECAY = True
 
     def __init__(self, cfg, student_shapes, teacher_shapes):
         super().__init__(cfg, student_shapes, teacher_shapes)

@@ -3,6 +3,7 @@ from dataclasses import replace
 from typing import Dict
 
 import torch
+from detectron2.config import CfgNode as CN
 from detectron2.utils.events import get_event_storage
 from torch import Tensor
 
@@ -39,6 +40,42 @@ class GKHead(DistillHead):
     ablation without prototype weights). With LINEAR_DECAY the global and feature terms decay to 0 (the
     reference COCO config); the response term does not.
     """
+
+    @classmethod
+    def add_config(cls, cfg):
+        """Add ``cfg.DISTILL.GK``, this head's keys and their defaults."""
+        _C = cfg
+        # Global Knowledge distillation (GK's RDM, docs/METHODS.md section 1.4-1.5).
+        _C.DISTILL.GK = CN()
+        # Paper weights (global, local feature, local response) = (1, 1, 5).
+        _C.DISTILL.GK.GLOBAL_WEIGHT = 1.0
+        _C.DISTILL.GK.FEATURE_WEIGHT = 1.0
+        _C.DISTILL.GK.RESPONSE_WEIGHT = 5.0
+        # Relative weights of the foreground and background parts of the local feature loss.
+        _C.DISTILL.GK.FG_WEIGHT = 1.0
+        _C.DISTILL.GK.BG_WEIGHT = 4.0
+        _C.DISTILL.GK.TEMPERATURE = 2.0
+        _C.DISTILL.GK.STRIDES = []
+        # Student-side adapter before the feature term: a kernel x kernel conv, then "relu",
+        # "none", or "auto" (the authors': none for two-stage students, ReLU for dense ones).
+        _C.DISTILL.GK.ADAPTER_KERNEL = 3
+        _C.DISTILL.GK.ADAPTER_ACTIVATION = "auto"
+        # Instances for the mask, robust weights and global term: "positive_rois" (the student's
+        # foreground sampled RoIs with their matched classes, the authors' Faster R-CNN choice),
+        # "gt" (GT boxes), or "auto" (positive_rois for two-stage students, gt for dense ones).
+        _C.DISTILL.GK.INSTANCES = "auto"
+        # Rows of the response KL for two-stage students: "positive" RoIs (authors) or "all".
+        _C.DISTILL.GK.RESPONSE_ROIS = "positive"
+        # Feature term over levels: "mean", "sum", or "auto" (authors: mean two-stage, sum dense).
+        _C.DISTILL.GK.LEVEL_REDUCTION = "auto"
+        # Follow DISTILL.SCHEDULE.LINEAR_DECAY (the reference decays global and feature terms only).
+        _C.DISTILL.GK.DECAY = True
+        # Global term (Eq. 6): "cosine" (smooth-L1 element mean of the robust-weighted rows of
+        # instance-to-prototype cosines, the authors' code) or "projection" (the paper's text: Eq. 5's
+        # coefficients with DISTILL.PROTOTYPES.ALPHA, summed over prototypes, divided by the instances).
+        _C.DISTILL.GK.GLOBAL_FORM = "cosine"
+        # Robust weights (Eq. 8) on the mask, the response rows and the global term; False: all 1.
+        _C.DISTILL.GK.ROBUST_WEIGHTS = True
 
     def __init__(self, cfg, student_shapes, teacher_shapes):
         super().__init__(cfg, student_shapes, teacher_shapes)

@@ -1,6 +1,7 @@
 """Vanilla knowledge distillation on class logits (docs/METHODS.md section 5)."""
 from typing import Dict
 
+from detectron2.config import CfgNode as CN
 from torch import Tensor
 
 from .base import DistillHead
@@ -17,6 +18,19 @@ class KDHead(DistillHead):
     ``ROBUST_WEIGHTS``, foreground rows are weighted by their GK robust weight (GK paper,
     Table 4). Produces ``loss_distill_kd``.
     """
+
+    @classmethod
+    def add_config(cls, cfg):
+        """Add ``cfg.DISTILL.KD``, this head's keys and their defaults."""
+        _C = cfg
+        # Vanilla KD on class logits: RoI logits on shared proposals (R-CNN) or positive anchors'
+        # class logits (RetinaNet).
+        _C.DISTILL.KD = CN()
+        _C.DISTILL.KD.WEIGHT = 1.0
+        _C.DISTILL.KD.TEMPERATURE = 2.0
+        # Weight positive RoIs / anchors by the robust weight of their matched GT (GK Table 4).
+        _C.DISTILL.KD.ROBUST_WEIGHTS = False
+        _C.DISTILL.KD.DECAY = False
 
     def __init__(self, cfg, student_shapes, teacher_shapes):
         super().__init__(cfg, student_shapes, teacher_shapes)

@@ -2,6 +2,7 @@
 from typing import Dict, List
 
 import torch
+from detectron2.config import CfgNode as CN
 from detectron2.structures import Boxes, pairwise_iou
 from torch import Tensor
 
@@ -85,6 +86,27 @@ class LDHead(DistillHead):
     Requires both models to be of a distribution kind (``box_distribution``) with the same
     anchors; any other pair is refused when the model is built.
     """
+
+    @classmethod
+    def add_config(cls, cfg):
+        """Add ``cfg.DISTILL.LD``, this head's keys and their defaults."""
+        _C = cfg
+        # Localization Distillation (docs/METHODS.md section 3) for GFL students and teachers: edge-
+        # distribution KL on the main region and the valuable localisation region, class KD.
+        _C.DISTILL.LD = CN()
+        # Main region (the student's positive anchors), weighted by the student's max class score.
+        _C.DISTILL.LD.WEIGHT = 0.25
+        # Valuable localisation region: 0.25 t_g <= DIoU(anchor, g) < t_g, weighted by the IoU.
+        _C.DISTILL.LD.VLR_WEIGHT = 0.25
+        _C.DISTILL.LD.VLR_LOWER = 0.25
+        # Temperature of the edge-distribution KL.
+        _C.DISTILL.LD.TEMPERATURE = 10.0
+        # Class KD (softmax over classes) on the main region's anchors; 0 turns it off.
+        _C.DISTILL.LD.KD_WEIGHT = 10.0
+        _C.DISTILL.LD.KD_TEMPERATURE = 2.0
+        # ATSS candidates per level for t_g (mean + std of their IoUs).
+        _C.DISTILL.LD.TOPK = 9
+        _C.DISTILL.LD.DECAY = False
 
     def __init__(self, cfg, student_shapes, teacher_shapes):
         super().__init__(cfg, student_shapes, teacher_shapes)

@@ -1,6 +1,7 @@
 """Prediction-guided Feature Imitation (Li et al., AAAI 2022; docs/METHODS.md section 4)."""
 from typing import Dict
 
+from detectron2.config import CfgNode as CN
 from torch import Tensor
 
 from ..structures import STUDENT, TEACHER
@@ -38,6 +39,23 @@ class PFIHead(DistillHead):
     cells); the levels are averaged. ``A`` is a 1x1 conv adapter by default (no official code;
     the paper's adaptation layer). Produces ``loss_distill_pfi``.
     """
+
+    @classmethod
+    def add_config(cls, cfg):
+        """Add ``cfg.DISTILL.PFI``, this head's keys and their defaults."""
+        _C = cfg
+        # Prediction-guided Feature Imitation (docs/METHODS.md section 4): feature imitation per cell
+        # weighted by the detached squared class-prediction difference (dense students).
+        _C.DISTILL.PFI = CN()
+        _C.DISTILL.PFI.WEIGHT = 1.5
+        # Predictions compared: "sigmoid" (class probabilities) or "logits".
+        _C.DISTILL.PFI.SCORES = "sigmoid"
+        _C.DISTILL.PFI.STRIDES = []
+        # Student-side adapter A: "always" or "auto" (only when channels differ).
+        _C.DISTILL.PFI.ADAPTER = "always"
+        _C.DISTILL.PFI.ADAPTER_KERNEL = 1
+        _C.DISTILL.PFI.ADAPTER_RELU = False
+        _C.DISTILL.PFI.DECAY = False
 
     def __init__(self, cfg, student_shapes, teacher_shapes):
         super().__init__(cfg, student_shapes, teacher_shapes)

@@ -2,6 +2,7 @@
 from typing import Dict
 
 import torch.nn.functional as F
+from detectron2.config import CfgNode as CN
 from torch import Tensor
 
 from .adapters import StrideAdapters
@@ -46,6 +47,21 @@ class PKDHead(DistillHead):
     ``WEIGHT`` -1 the weight is the released one for the student's kind: 6 for two-stage
     students, 10 for dense ones. Produces ``loss_distill_pkd``.
     """
+
+    @classmethod
+    def add_config(cls, cfg):
+        """Add ``cfg.DISTILL.PKD``, this head's keys and their defaults."""
+        _C = cfg
+        # PKD: 1/2 mean((S^ - T^)^2) of per-channel standardised FPN maps (docs/METHODS.md section 2).
+        _C.DISTILL.PKD = CN()
+        # Loss weight; -1 picks the released one by the student's kind: 6 two-stage, 10 dense.
+        _C.DISTILL.PKD.WEIGHT = -1.0
+        # Strides to distil; empty means the NUM_LEVELS finest strides both models have.
+        _C.DISTILL.PKD.STRIDES = []
+        # With STRIDES empty: how many shared strides, finest first (released: 4); 0 means all.
+        _C.DISTILL.PKD.NUM_LEVELS = 4
+        # Follow DISTILL.SCHEDULE.LINEAR_DECAY (the released configs do not decay).
+        _C.DISTILL.PKD.DECAY = False
 
     def __init__(self, cfg, student_shapes, teacher_shapes):
         super().__init__(cfg, student_shapes, teacher_shapes)

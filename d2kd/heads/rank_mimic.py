@@ -2,6 +2,7 @@
 from typing import Dict
 
 import torch
+from detectron2.config import CfgNode as CN
 from torch import Tensor
 
 from ..structures import STUDENT, TEACHER
@@ -58,6 +59,20 @@ class RankMimicHead(DistillHead):
     that have candidates. The candidates keep their anchor correspondence (no sorting).
     Vectorised over all GT boxes of the batch. Produces ``loss_distill_rank_mimic``.
     """
+
+    @classmethod
+    def add_config(cls, cfg):
+        """Add ``cfg.DISTILL.RANK_MIMIC``, this head's keys and their defaults."""
+        _C = cfg
+        # Rank Mimicking (docs/METHODS.md section 4): per GT box, KL(teacher || student) of the softmax
+        # over its positive anchors of their scores for its class (dense students).
+        _C.DISTILL.RANK_MIMIC = CN()
+        _C.DISTILL.RANK_MIMIC.WEIGHT = 4.0
+        # Scores softmaxed over the candidates: "sigmoid" (class probabilities) or "logits".
+        _C.DISTILL.RANK_MIMIC.SCORES = "sigmoid"
+        # T of softmax(score / T) over the candidates (the spec: 1); < 1 sharpens sigmoid scores.
+        _C.DISTILL.RANK_MIMIC.TEMPERATURE = 1.0
+        _C.DISTILL.RANK_MIMIC.DECAY = False
 
     name = "rank_mimic"
 

@@ -19,6 +19,10 @@ Its ``requires`` (a class or instance attribute) lists the context keys it reads
 ``d2kd.structures.REQUIREMENTS``); a head whose needs the model pair cannot meet, or that
 names an unknown key, is rejected when the model is built.
 
+A head's config node is its own: the classmethod ``add_config(cfg)`` adds
+``cfg.DISTILL.<NAME>`` with its keys and defaults, and ``d2kd.add_distill_config`` calls it for
+every registered head, so a head defined outside d2kd brings its keys with it.
+
 Register with ``@DISTILL_HEAD_REGISTRY.register()``. Configs enable heads by name in
 ``cfg.DISTILL.HEADS``: the class attribute ``name`` if the class sets one, else the class name
 without a trailing "Head", lower-cased (``FitNetHead`` -> "fitnet").
@@ -37,6 +41,12 @@ def head_name(cls) -> str:
 def available_heads() -> Dict[str, type]:
     """Config name -> head class, for every registered head."""
     return {head_name(cls): cls for _, cls in DISTILL_HEAD_REGISTRY}
+
+
+def add_head_configs(cfg) -> None:
+    """Add every registered head's config node to ``cfg`` (``cfg.DISTILL`` must exist)."""
+    for _, cls in DISTILL_HEAD_REGISTRY:
+        cls.add_config(cfg)
 
 
 def build_distill_heads(

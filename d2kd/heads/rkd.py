@@ -4,6 +4,7 @@ from typing import Dict
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode as CN
 from torch import Tensor
 
 from ..prototypes.instance_features import instance_features
@@ -94,6 +95,23 @@ class RKDHead(DistillHead):
     prototype, student vs teacher space (0 until the prototype bank is first built). No
     adapter is needed: relations do not depend on the channel count.
     """
+
+    @classmethod
+    def add_config(cls, cfg):
+        """Add ``cfg.DISTILL.RKD``, this head's keys and their defaults."""
+        _C = cfg
+        # RKD: distance and angle relations among the GT instance embeddings at each level.
+        _C.DISTILL.RKD = CN()
+        _C.DISTILL.RKD.DISTANCE_WEIGHT = 25.0
+        _C.DISTILL.RKD.ANGLE_WEIGHT = 50.0
+        # L2-normalise the instance embeddings before relating them (mmrazor's RKD default).
+        _C.DISTILL.RKD.L2_NORM = True
+        # Replace the instance relations by GK's robust-weighted instance-to-prototype rows
+        # (GK paper, Table 4); needs the prototypes of DISTILL.PROTOTYPES.
+        _C.DISTILL.RKD.GLOBAL = False
+        _C.DISTILL.RKD.GLOBAL_WEIGHT = 1.0
+        _C.DISTILL.RKD.STRIDES = []
+        _C.DISTILL.RKD.DECAY = False
 
     def __init__(self, cfg, student_shapes, teacher_shapes):
         super().__init__(cfg, student_shapes, teacher_shapes)

@@ -1,1 +1,2 @@
-"""Small utilities: atomic writes, resumable train-and-evaluate stages, pictures."""
+"""Small utilities, the lowest floor (they import nothing above them): atomic writes, the CPU
+thread policy, inference cost, logging, pictures."""
