@@ -380,6 +380,19 @@ def test_one_training_step_per_head(tmp_path, storage, head, arch):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+def test_the_four_heads_train_together_on_a_faster_teacher_and_a_retinanet_student(tmp_path, storage):
+    """Levels paired by stride: the teacher's p2-p6 and the student's p3-p7 share 8-64; FGD and
+    MGD take every shared stride for a dense student."""
+    model = build_model(distill_cfg(tmp_path, "retinanet", "rcnn", heads=sorted(STEP_KEYS)))
+    assert model.distill_heads["fgd"].strides == model.distill_heads["mgd"].strides == [8, 16, 32, 64]
+    model.train()
+    losses = model(random_batch())
+    for key in sum(STEP_KEYS.values(), []):
+        assert torch.isfinite(losses[key]) and losses[key].item() > 0, key
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.distill_heads.parameters())
+
+
 SHAPES_CONFIGS = [f"{m}_faster_rcnn_R_18_half_FPN_1k_shapes.yaml" for m in ("cwd", "fbkd", "fgd", "mgd")] + [
     f"{m}_retinanet_R_18_half_FPN_1k_shapes.yaml" for m in ("cwd", "fgd", "mgd")
 ]
