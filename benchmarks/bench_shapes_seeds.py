@@ -28,6 +28,12 @@ The RM + PFI strength sweep with sigmoid scores (RM temperature and weight, PFI 
     python benchmarks/bench_shapes_seeds.py --pair retinanet --seeds 0 --output-dir output/one_stage/retinanet \
         --methods rm_pfi rm_pfi_t02 rm_pfi_t01 rm_pfi_rm40 rm_pfi_pfi50 rm_pfi_t02_pfi50
 
+A Cascade R-CNN teacher (R-18, three stages) distilling the same two-stage student with GK and
+KD, beside the Faster R-CNN teacher's rows (named methods only)::
+
+    python benchmarks/bench_shapes_seeds.py --seeds 0 1 2 --output-dir output/demo --methods \
+        gk_cascade kd_cascade gk kd
+
 Each pair's teacher (seed 0) is trained once and shared, as a released teacher would be; a
 method whose teacher is another pair's (``gk_from_faster``) uses that pair's teacher, trained
 once under ``<output-dir>/<pair>/teacher_seed0``. The student alone and each distilled
@@ -137,9 +143,16 @@ PAIRS = {
                 ("kd_rw", "kd", "_rw"), ("rkd", "rkd", ""), ("rkd_global", "rkd", "_global"),
                 ("gk_pkd", "gk", "_withpkd"),
             ]
-        } | {name: Method(GK, "faster_rcnn", opts) for name, opts in GK_VARIANTS.items()},
+        } | {name: Method(GK, "faster_rcnn", opts) for name, opts in GK_VARIANTS.items()}
+          # the Cascade R-CNN teacher (the cascade_rcnn pair's) distilling the same student
+          | {f"{m}_cascade": Method(_config(f"{m}_faster_rcnn_R_18_half_FPN_1k_cascadeteacher_shapes.yaml"),
+                                    "cascade_rcnn") for m in ("gk", "kd")},
         default_methods=("gk", "fitnet", "kd"),
     ),
+    # a teacher only: Cascade R-CNN R-18 (three stages), for the two-stage student's
+    # gk_cascade / kd_cascade; trained once under <output-dir>/cascade_rcnn_teacher
+    "cascade_rcnn": Pair(_config("cascade_rcnn_R_18_FPN_1k_shapes.yaml"),
+                         _config(SHAPES_PAIRS["faster_rcnn"][1]), {}, ()),
     # RetinaNet R-18 -> R-18 half width, levels p2-p6; gk_from_faster: the Faster R-CNN teacher.
     # rm_only / pfi_only / rm_pfi_logits: the RM + PFI ablation, run only when named
     "retinanet": _pair(

@@ -28,6 +28,10 @@ def add_distill_config(cfg):
     _C.DISTILL.TEACHER.OPTS = []
     # Load .pkl TEACHER.WEIGHTS / MODEL.WEIGHTS from outside detectron2's model zoo (unpickling runs code).
     _C.DISTILL.TEACHER.ALLOW_PICKLE = False
+    # A Cascade R-CNN teacher's class scores on given boxes (KD, GK's response term, DeFeat):
+    # -1 the cascade's own inference score (the mean of its stages' probabilities, as logits
+    # log p), or k for stage k's logits (d2kd/modeling/box_head_on.py). Ignored otherwise.
+    _C.DISTILL.TEACHER.CASCADE_STAGE = -1
 
     # Names of registered distillation heads to enable (any number; see DISTILL_HEAD_REGISTRY).
     _C.DISTILL.HEADS = []

@@ -17,7 +17,7 @@ CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recurs
 # Short names users know, each only a _BASE_ on a canonical config (test_the_alias_config...).
 ALIASES = {os.path.join(REPO, "configs", "gk_faster_r50.yaml"): "gk_faster_rcnn_R_50_FPN_2x_coco.yaml"}
 LEAVES = [p for p in CONFIGS if not os.path.basename(p).startswith("Base-") and p not in ALIASES]
-NAME = re.compile(r"^([a-z][a-z_]*_)?(faster_rcnn|retinanet|gfl)_R_\d+(_half)?_FPN_\w+_(coco|voc|shapes)\.yaml$")
+NAME = re.compile(r"^([a-z][a-z_]*_)?(faster_rcnn|cascade_rcnn|retinanet|gfl)_R_\d+(_half)?_FPN_\w+_(coco|voc|shapes)\.yaml$")
 
 
 def config_classes(cfg) -> int:
@@ -46,7 +46,7 @@ def test_config_names_follow_the_scheme_and_plain_configs_stay_plain(path):
     name = os.path.basename(path)
     assert NAME.match(name), f"{name}: expected <method>_<arch>_R_<depth>_FPN_<schedule>_<data>.yaml"
     cfg = load_config(path)
-    if name.startswith(("faster_rcnn_", "retinanet_", "gfl_")):  # a plain detector (teacher or student alone)
+    if name.startswith(("faster_rcnn_", "cascade_rcnn_", "retinanet_", "gfl_")):  # a plain detector (teacher or student alone)
         assert not is_distill_meta_arch(cfg.MODEL.META_ARCHITECTURE)
         with open(path) as f:
             assert "Distill" not in f.read(), "plain configs do not inherit from a Distill base"
@@ -145,8 +145,9 @@ def test_every_benchmark_method_loads_with_its_options_and_names_its_teacher_pai
         for name, method in pair.methods.items():
             cfg = load_config(method.config, method.opts)
             assert cfg.DISTILL.HEADS and all(h.lower() in registered for h in cfg.DISTILL.HEADS), name
-            teacher = SHAPES_PAIRS[method.teacher_pair][0]
-            assert os.path.basename(cfg.DISTILL.TEACHER.CONFIG_FILE) == teacher, name
+            teacher = bench.PAIRS[method.teacher_pair].teacher
+            assert SHAPES_PAIRS.get(method.teacher_pair, (os.path.basename(teacher),))[0] == os.path.basename(teacher)
+            assert cfg.DISTILL.TEACHER.CONFIG_FILE == teacher, name
     ablation = bench.PAIRS["retinanet"].methods
     assert load_config(ablation["rm_only"].config, ablation["rm_only"].opts).DISTILL.HEADS == ["rank_mimic"]
     logits = load_config(ablation["rm_pfi_logits"].config, ablation["rm_pfi_logits"].opts)

@@ -1,6 +1,7 @@
 """DistillRCNN: a GeneralizedRCNN student that learns from a frozen teacher."""
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 
+from .box_head_on import is_cascade
 from .distill_mixin import DistillMixin
 from .kinds import TWO_STAGE
 
@@ -16,3 +17,13 @@ class DistillRCNN(DistillMixin, GeneralizedRCNN):
 
     plain_meta_arch = "GeneralizedRCNN"
     kind = TWO_STAGE
+
+    def _init_distill(self, setup):
+        if is_cascade(self.roi_heads):
+            # its box predictions are per stage (a ModuleList): the RoI hooks record none of them
+            raise ValueError(
+                "a Cascade R-CNN student (MODEL.ROI_HEADS.NAME CascadeROIHeads) is not supported: "
+                "d2kd distils Faster R-CNN students, from any R-CNN teacher including a cascade. "
+                "Use StandardROIHeads for the student"
+            )
+        super()._init_distill(setup)

@@ -17,6 +17,7 @@ from ..checkpoint import (
     is_trusted_pickle,
 )
 from ..config import TeacherConfigError, add_distill_config, resolve_teacher_config_file
+from .box_head_on import check_cascade_stage
 from .kinds import DetectorKind, is_distill_meta_arch, kind_of
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,12 @@ def build_teacher(student_cfg):
             "two-stage detector (GeneralizedRCNN with an RPN) nor a dense one (a DenseDetector "
             "such as RetinaNet); d2kd cannot read its outputs"
         )
+    roi_heads = getattr(teacher, "roi_heads", None)
+    if roi_heads is not None:
+        try:
+            check_cascade_stage(roi_heads, student_cfg.DISTILL.TEACHER.CASCADE_STAGE)
+        except ValueError as e:
+            raise TeacherConfigError(str(e)) from None
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher, teacher_cfg, kind
