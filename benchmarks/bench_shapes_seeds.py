@@ -11,6 +11,14 @@ the GFL pair with LD)::
 
     python benchmarks/bench_shapes_seeds.py --pair one_stage --seeds 0 1 2 --output-dir output/one_stage
 
+The methods of other toolboxes (issue 18: CWD, MGD, FGD, FBKD; ``<m>_authors`` the released
+weights literally; GK + FGD) on the two-stage and the RetinaNet pairs (named methods only)::
+
+    python benchmarks/bench_shapes_seeds.py --seeds 0 1 2 --output-dir output/demo --methods \
+        cwd mgd fgd fbkd gk_fgd
+    python benchmarks/bench_shapes_seeds.py --pair retinanet --seeds 0 1 2 --output-dir output/one_stage/retinanet \
+        --methods cwd mgd fgd
+
 The RM + PFI ablation (named methods only: RM alone, PFI alone, both on logits)::
 
     python benchmarks/bench_shapes_seeds.py --pair retinanet --seeds 0 1 --output-dir output/one_stage/retinanet \
@@ -142,11 +150,26 @@ PAIRS = {
                 ("fgfi", "fgfi", ""), ("defeat", "defeat", ""), ("defeat_rw", "defeat", "_rw"),
                 ("kd_rw", "kd", "_rw"), ("rkd", "rkd", ""), ("rkd_global", "rkd", "_global"),
                 ("gk_pkd", "gk", "_withpkd"),
+                # other toolboxes' feature methods (issue 18)
+                ("cwd", "cwd", ""), ("mgd", "mgd", ""), ("fgd", "fgd", ""), ("fbkd", "fbkd", ""),
             ]
         } | {name: Method(GK, "faster_rcnn", opts) for name, opts in GK_VARIANTS.items()}
           # the Cascade R-CNN teacher (the cascade_rcnn pair's) distilling the same student
           | {f"{m}_cascade": Method(_config(f"{m}_faster_rcnn_R_18_half_FPN_1k_cascadeteacher_shapes.yaml"),
-                                    "cascade_rcnn") for m in ("gk", "kd")},
+                                    "cascade_rcnn") for m in ("gk", "kd")}
+          # the released weights literally (the shapes configs rescale the summed terms), and GK + FGD
+          | {"mgd_authors": Method(_config("mgd_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"), "faster_rcnn",
+                                   ("DISTILL.MGD.TWO_STAGE.WEIGHT", "5e-7")),
+             "fgd_authors": Method(_config("fgd_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"), "faster_rcnn",
+                                   ("DISTILL.FGD.TWO_STAGE.FG_WEIGHT", "5e-5", "DISTILL.FGD.TWO_STAGE.BG_WEIGHT",
+                                    "2.5e-5", "DISTILL.FGD.TWO_STAGE.GLOBAL_WEIGHT", "5e-7")),
+             "fbkd_authors": Method(_config("fbkd_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"), "faster_rcnn",
+                                    ("DISTILL.FBKD.FEATURE_WEIGHT", "7e-5", "DISTILL.FBKD.CHANNEL_WEIGHT", "4e-3",
+                                     "DISTILL.FBKD.SPATIAL_WEIGHT", "4e-3", "DISTILL.FBKD.NONLOCAL_WEIGHT", "7e-5")),
+             "gk_fgd": Method(GK, "faster_rcnn", ("DISTILL.HEADS", '["gk", "fgd"]',
+                                                  "DISTILL.FGD.TWO_STAGE.FG_WEIGHT", "2e-4",
+                                                  "DISTILL.FGD.TWO_STAGE.BG_WEIGHT", "1e-4",
+                                                  "DISTILL.FGD.TWO_STAGE.GLOBAL_WEIGHT", "1e-4"))},
         default_methods=("gk", "fitnet", "kd"),
     ),
     # a teacher only: Cascade R-CNN R-18 (three stages), for the two-stage student's
@@ -166,6 +189,13 @@ PAIRS = {
             "pfi_only": Method(RM_PFI, "retinanet", ("DISTILL.HEADS", '["pfi"]')),
             "rm_pfi_logits": Method(RM_PFI, "retinanet",
                                     ("DISTILL.RANK_MIMIC.SCORES", "logits", "DISTILL.PFI.SCORES", "logits")),
+            # other toolboxes' feature methods (issue 18), and the released weights literally
+            **{m: Method(_config(f"{m}_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet") for m in ("cwd", "mgd", "fgd")},
+            "mgd_authors": Method(_config("mgd_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet",
+                                  ("DISTILL.MGD.DENSE.WEIGHT", "2e-5")),
+            "fgd_authors": Method(_config("fgd_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet",
+                                  ("DISTILL.FGD.DENSE.FG_WEIGHT", "1e-3", "DISTILL.FGD.DENSE.BG_WEIGHT", "5e-4",
+                                   "DISTILL.FGD.DENSE.GLOBAL_WEIGHT", "5e-6")),
         } | {name: Method(RM_PFI, "retinanet", opts) for name, opts in RM_PFI_SWEEP.items()},
         default_methods=("gk", "fitnet", "rm_pfi", "gk_from_faster"),
     ),
