@@ -27,6 +27,7 @@ from ..heads.registry import build_distill_heads
 from ..prototypes.bank import PrototypeBank
 from ..prototypes.online_store import record_step_instances
 from ..structures import DistillContext, shapes_by_stride
+from .head_tower import check_heads_tower_layers, tower_record_paths
 from .kinds import DISTILL_META_ARCHS, DetectorKind
 from .recorder import Recorder
 from .requirements import check_requirements, teacher_parts
@@ -143,6 +144,8 @@ class DistillMixin:
         check_same_classes(self, self.kind, teacher, self.teacher_kind)
         check_requirements(self.distill_heads, self, self.kind, teacher, self.teacher_kind)
         self.requirements = frozenset().union(*[h.requires for h in self.distill_heads.values()])
+        # dense-head tower layers the heads read (CrossKD): recorded during the forward passes
+        self.tower_layers = check_heads_tower_layers(self.distill_heads, self, self.kind, teacher, self.teacher_kind)
         self.prototype_bank = None
         if "prototypes" in self.requirements:
             self.prototype_bank = PrototypeBank.from_config(
@@ -152,8 +155,13 @@ class DistillMixin:
         # the local file the teacher was read from: its content identifies the teacher on resume
         self.teacher_weights_file = load_teacher_weights(teacher, setup.teacher_weights,
                                                          allow_pickle=setup.allow_pickle)
-        self._recorder = Recorder(self, self.kind.recorded)
-        self.teacher_recorder = Recorder(teacher, self.teacher_kind.recorded)
+        student_towers = teacher_towers = {}
+        if "student.head_tower" in self.requirements:
+            student_towers = tower_record_paths(self, self.kind, self.tower_layers)
+        if "teacher.head_tower" in self.requirements:
+            teacher_towers = tower_record_paths(teacher, self.teacher_kind, self.tower_layers)
+        self._recorder = Recorder(self, self.kind.recorded, appending=student_towers)
+        self.teacher_recorder = Recorder(teacher, self.teacher_kind.recorded, appending=teacher_towers)
         teacher.to(self.device)
 
     @property

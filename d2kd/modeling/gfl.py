@@ -42,7 +42,7 @@ from fvcore.nn import giou_loss
 from torch import Tensor, nn
 
 from ..structures.atss import atss_thresholds, box_centres
-from .kinds import DENSE, KINDS, DetectorKind
+from .kinds import DENSE, KINDS, DetectorKind, TowerSpec
 
 __all__ = [
     "GFL", "GFLHead", "GFL_KIND", "atss_assign", "atss_thresholds", "distribution_to_distance",
@@ -472,6 +472,8 @@ GFL_KIND = DetectorKind(
     describe="a GFL detector (dense, its box branch a distribution per box edge)",
     num_classes_key="MODEL.GFL.NUM_CLASSES",
     model_class=GFL,
+    # GFLHead's towers as RetinaNet's; the box conv's output is multiplied by its level's scale
+    towers=TowerSpec((("cls_subnet", "cls_score", ""), ("bbox_subnet", "bbox_pred", "scales"))),
 )
 # kind_of(): a GFL is a DenseDetector too, so its own kind must be tried before DENSE.
 KINDS.insert(KINDS.index(DENSE), GFL_KIND)

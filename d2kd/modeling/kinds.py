@@ -5,12 +5,32 @@ in detectron2's ``META_ARCH_REGISTRY``) and its :class:`DetectorKind`. Export, t
 and the build-time check of head requirements read those, never the architecture's name.
 """
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, Optional
+from typing import Callable, Dict, FrozenSet, Optional, Tuple
 
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.meta_arch.rcnn import GeneralizedRCNN
 from detectron2.modeling.proposal_generator.rpn import RPN
 from torch import nn
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    """Where a dense head keeps its towers, for the ``head_tower`` and ``cross_head``
+    capabilities (:mod:`d2kd.modeling.head_tower`).
+
+    Attributes:
+        branches (tuple): per head output, in the head's output order, ``(subnet, predictor,
+            scale)``: attribute names on the model's ``head`` of the tower (an
+            ``nn.Sequential`` of convs, norms and activations), of the conv that follows it,
+            and of a per-level learnable scalar multiplying the predictor's output ("" for
+            none; GFL's ``scales``).
+    """
+
+    branches: Tuple[Tuple[str, str, str], ...]
+
+
+# detectron2's RetinaNetHead and d2kd's GFLHead: a class and a box tower
+RETINANET_TOWERS = TowerSpec((("cls_subnet", "cls_score", ""), ("bbox_subnet", "bbox_pred", "")))
 
 
 @dataclass(frozen=True)
@@ -29,6 +49,8 @@ class DetectorKind:
         num_classes_key (str): the config key that sets ``num_classes`` (for error messages).
         model_class (type or None): when set, the kind matches exactly the instances of this
             class (e.g. d2kd's GFL); else the kind's structural test below.
+        towers (TowerSpec or None): the dense head's towers, for kinds that offer
+            ``head_tower`` / ``cross_head``.
     """
 
     name: str
@@ -39,6 +61,7 @@ class DetectorKind:
     describe: str = ""
     num_classes_key: str = ""
     model_class: Optional[type] = field(default=None, hash=False)
+    towers: Optional[TowerSpec] = field(default=None, hash=False)
 
     def matches(self, model: nn.Module) -> bool:
         if self.model_class is not None:
@@ -71,12 +94,13 @@ TWO_STAGE = DetectorKind(
 
 DENSE = DetectorKind(
     name="dense",
-    capabilities=frozenset({"images", "features", "dense", "anchors"}),
+    capabilities=frozenset({"images", "features", "dense", "anchors", "head_tower", "cross_head"}),
     recorded={"backbone": "backbone", "dense.head": "head", "dense.anchors": "anchor_generator"},
     num_classes=lambda model: model.num_classes,
     anchor_generator=lambda model: model.anchor_generator,
     describe="a dense one-stage detector (a detectron2 DenseDetector such as RetinaNet)",
     num_classes_key="MODEL.RETINANET.NUM_CLASSES",
+    towers=RETINANET_TOWERS,
 )
 
 # Tried in order by kind_of(), the more specific first. A module that defines a kind for its own

@@ -17,12 +17,15 @@ class _RecordHook:
     original's.
     """
 
-    def __init__(self, recorder: "Recorder", key: str):
-        self.recorder, self.key = recorder, key
+    def __init__(self, recorder: "Recorder", key: str, append: bool = False):
+        self.recorder, self.key, self.append = recorder, key, append
 
     def __call__(self, module, inputs, output):
         if self.recorder._active:
-            self.recorder.values[self.key] = output
+            if self.append:  # a module called once per level: keep every call, in order
+                self.recorder.values.setdefault(self.key, []).append(output)
+            else:
+                self.recorder.values[self.key] = output
 
 
 class Recorder:
@@ -33,16 +36,20 @@ class Recorder:
     capability check reports what a head cannot have).
     """
 
-    def __init__(self, model: nn.Module, paths: Dict[str, str]):
+    def __init__(self, model: nn.Module, paths: Dict[str, str], appending: Dict[str, str] = None):
+        """``paths``: key -> submodule path, its last output kept; ``appending``: key -> path of
+        a submodule called several times per forward (e.g. a head's tower, once per level),
+        the list of its outputs kept."""
         self._active = False
         self.values: Dict[str, Any] = {}
         self._handles = []
-        for key, path in paths.items():
+        hooks = [(k, p, False) for k, p in paths.items()] + [(k, p, True) for k, p in (appending or {}).items()]
+        for key, path, append in hooks:
             try:
                 module = model.get_submodule(path)
             except AttributeError:
                 continue
-            self._handles.append(module.register_forward_hook(_RecordHook(self, key)))
+            self._handles.append(module.register_forward_hook(_RecordHook(self, key, append)))
 
     def put(self, key: str, value: Any) -> None:
         """Record a value from code (an overridden method) rather than a hook."""

@@ -14,6 +14,8 @@ TEACHER_PARTS = {
     "teacher.dense": "backbone + dense head",
     "teacher.rpn": "backbone + RPN",
     "teacher.box_head": "backbone + box head",
+    "teacher.head_tower": "backbone + dense head",
+    "teacher.cross_head": "dense head on the student's tower",
 }
 
 

@@ -23,11 +23,13 @@ from ..structures import (
     TEACHER,
     AnchorMatches,
     DenseOutputs,
+    HeadTower,
     RPNOutputs,
     SampledRoIs,
     StepOutputs,
     by_stride,
 )
+from .head_tower import head_from, tower_key
 
 
 def dense_outputs(model, predictions) -> DenseOutputs:
@@ -75,6 +77,7 @@ class ModelStepOutputs(StepOutputs):
         self.common_strides = model.common_strides
         self._teacher_named: Dict[str, Tensor] = {}
         self._teacher_images = None
+        self._teacher_head = None  # (predictions, tower record) of the teacher's dense-head pass
         # The autocast state of the student's forward, re-entered for the teacher's passes.
         kind = self.device.type
         self._autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
@@ -118,13 +121,57 @@ class ModelStepOutputs(StepOutputs):
         return by_stride(self.teacher.backbone, self._teacher_features_named())
 
     # ---- dense heads ----
+    def _teacher_dense_pass(self):
+        """The teacher's dense head on its features, once per step; its tower layers that the
+        heads read are recorded on the way (``teacher.head_tower``)."""
+        if self._teacher_head is None:
+            teacher = self.teacher
+            named = self._teacher_features_named()
+            with self._teacher_pass(), self.model.teacher_recorder.recording() as rec:
+                predictions = teacher.head([named[f] for f in teacher.head_in_features])
+            towers = {k: v for k, v in rec.items() if k.startswith("tower.")}
+            self._teacher_head = (predictions, towers)
+        return self._teacher_head
+
     def dense(self, side: str) -> DenseOutputs:
         if side == STUDENT:
             return dense_outputs(self.model, self._recorded("dense.head", "dense-head outputs"))
+        return dense_outputs(self.teacher, self._teacher_dense_pass()[0])
+
+    def head_tower(self, side: str, layer: int) -> HeadTower:
+        model = self.model if side == STUDENT else self.teacher
+        kind = self.model.kind if side == STUDENT else self.model.teacher_kind
+        strides = [model.backbone.output_shape()[f].stride for f in model.head_in_features]
+        if layer == 0:  # the head's input: the FPN features
+            named = self._recorded("backbone", "backbone features") if side == STUDENT else self._teacher_features_named()
+            level = [named[f] for f in model.head_in_features]
+            branches = [dict(zip(strides, level)) for _ in kind.towers.branches]
+        else:
+            record = self.record if side == STUDENT else self._teacher_dense_pass()[1]
+            branches = []
+            for b in range(len(kind.towers.branches)):
+                key = tower_key(b, layer)
+                if key not in record:
+                    raise RuntimeError(
+                        f"the {side}'s tower layer {layer} was not recorded this step; a head read it "
+                        "without requiring it or without naming it in tower_layers"
+                    )
+                branches.append(dict(zip(strides, record[key])))
+        if side == STUDENT and self._autocast[1]:  # float32 into the heads, as the features
+            branches = [{s: x.float() for s, x in br.items()} for br in branches]
+        return HeadTower(layer=layer, strides=strides, branches=branches)
+
+    def teacher_head_from(self, tower: HeadTower) -> DenseOutputs:
         teacher = self.teacher
-        named = self._teacher_features_named()
-        with self._teacher_pass():
-            predictions = teacher.head([named[f] for f in teacher.head_in_features])
+        strides = [teacher.backbone.output_shape()[f].stride for f in teacher.head_in_features]
+        if list(tower.strides) != strides:
+            raise ValueError(f"the tower's levels {tower.strides} are not the teacher's head levels {strides}")
+        inputs = [[branch[s] for s in strides] for branch in tower.branches]
+        kind, enabled, dtype = self._autocast
+        # no no_grad here: the teacher's parameters are frozen (requires_grad False), the graph
+        # of the inputs is kept so that the loss reaches whatever produced them
+        with torch.autocast(kind, dtype=dtype, enabled=enabled):
+            predictions = head_from(teacher, self.model.teacher_kind, tower.layer, inputs)
         return dense_outputs(teacher, predictions)
 
     # ---- two-stage parts ----

@@ -9,6 +9,7 @@ from .context import (
     AnchorMatches,
     DenseOutputs,
     DistillContext,
+    HeadTower,
     RPNOutputs,
     SampledRoIs,
     StepOutputs,
@@ -18,6 +19,6 @@ from .strides import assign_box_levels, by_stride, select_strides, shapes_by_str
 
 __all__ = [
     "REQUIREMENTS", "STUDENT", "TEACHER", "AnchorMatches", "DenseOutputs", "DistillContext",
-    "RPNOutputs", "SampledRoIs", "StepOutputs", "requirement_capability", "assign_box_levels",
+    "HeadTower", "RPNOutputs", "SampledRoIs", "StepOutputs", "requirement_capability", "assign_box_levels",
     "by_stride", "select_strides", "shapes_by_stride",
 ]

@@ -9,7 +9,9 @@ the model is built.
 
 Levels are keyed by stride (4, 8, ... 128), never by list position, so a heterogeneous pair
 (R-CNN p2-p6, RetinaNet p3-p7) is paired correctly. Teacher tensors are computed under
-``torch.no_grad()``.
+``torch.no_grad()``, with one exception: ``teacher_head_from`` (the teacher's dense head run from
+a tower layer on given tensors, e.g. the student's, as CrossKD does) keeps the graph of its
+inputs, so gradients flow back through the frozen teacher layers into whatever produced them.
 
 This module is a leaf: it defines the data a step offers and the interface a
 meta-architecture implements (:class:`StepOutputs`); ``d2kd.modeling`` implements it.
@@ -42,6 +44,13 @@ REQUIREMENTS: Dict[str, str] = {
     "student.rois": "the student's sampled RoIs with labels, matched GT and box-head outputs",
     "teacher.box_head": "the teacher's box head on given boxes, e.g. the student's RoIs",
     "student.anchors": "the student's anchors matched to the GT boxes, with IoUs",
+    # A head that requires one of the next three lists the tower layers it reads in its
+    # attribute ``tower_layers`` (the model records only those).
+    "student.head_tower": "the student's dense-head tower outputs at a layer, per branch and level, "
+                          "in the graph (gradients reach the student's tower)",
+    "teacher.head_tower": "the teacher's tower outputs at a layer on its own features (its dense-head pass)",
+    "teacher.cross_head": "the teacher's dense head from a tower layer on, run on given tensors (e.g. "
+                          "the student's tower outputs): frozen parameters, gradients flow to the inputs",
     "paired_anchors": "student and teacher anchors that correspond one to one (same generator)",
     "prototypes": "GK's prototype bank (built and refreshed during training)",
 }
@@ -96,6 +105,27 @@ class DenseOutputs:
         concatenated anchors (:attr:`AnchorMatches.anchors`)."""
         flat = self.flat(branch)
         return torch.cat([flat[s] for s in self.strides], dim=1)
+
+
+@dataclass
+class HeadTower:
+    """One model's dense-head tower outputs at one layer.
+
+    Layer ``i`` of a tower of L conv blocks (conv, norm, activation) is the output of block i
+    *before* its activation (its conv, or its norm when the tower has one), ``1 <= i <= L``;
+    layer 0 is the head's input (the FPN feature). This is where CrossKD cuts the head
+    (its ``reused_teacher_head_idx``); the teacher's head run from layer i applies block i's
+    activation, then blocks i+1..L and the predictor.
+
+    Attributes:
+        layer (int): i.
+        strides (list[int]): the levels in the model's head order.
+        branches (list[dict[int, Tensor]]): per tower (class, box), stride -> (N, C, H, W).
+    """
+
+    layer: int
+    strides: List[int]
+    branches: List[Dict[int, Tensor]]
 
 
 @dataclass
@@ -226,6 +256,12 @@ class StepOutputs:
     def teacher_box_head(self, boxes: List[Boxes]) -> Tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def head_tower(self, side: str, layer: int) -> HeadTower:
+        raise NotImplementedError
+
+    def teacher_head_from(self, tower: HeadTower) -> DenseOutputs:
+        raise NotImplementedError
+
 
 class DistillContext:
     """Both models' results on one batch, handed to every distillation head.
@@ -237,8 +273,10 @@ class DistillContext:
 
     Computed on first use and then kept for the step: ``student_features``,
     ``teacher_features``, ``student_images``, ``teacher_images``, ``dense(side)``,
-    ``rpn(side)``, ``rois``, ``teacher_roi_outputs``, ``anchors``; ``teacher_box_head(boxes)``
-    runs the teacher's box head on any boxes (not cached).
+    ``rpn(side)``, ``rois``, ``teacher_roi_outputs``, ``anchors``, ``head_tower(side, layer)``;
+    ``teacher_box_head(boxes)`` runs the teacher's box head on any boxes and
+    ``teacher_head_from(tower)`` the teacher's dense head from a tower layer on any tensors
+    (neither cached).
     """
 
     def __init__(self, outputs: StepOutputs, gt_instances: List[Instances], num_classes: int,
@@ -315,6 +353,19 @@ class DistillContext:
     @property
     def anchors(self) -> AnchorMatches:
         return self._once("anchors", STUDENT, self._outputs.anchors)
+
+    # ---- dense-head towers, and the teacher's head on other tensors ----
+    def head_tower(self, side: str, layer: int) -> HeadTower:
+        """A model's tower outputs at ``layer`` (see :class:`HeadTower`): the student's as its
+        own forward computed them (in the graph), the teacher's from its dense-head pass."""
+        return self._once(f"head_tower.{layer}", side, lambda: self._outputs.head_tower(side, layer))
+
+    def teacher_head_from(self, tower: HeadTower) -> DenseOutputs:
+        """The teacher's dense head from ``tower.layer`` on, run on ``tower``'s tensors (which
+        must have the teacher's tower channels): block ``layer``'s activation (if layer > 0),
+        the teacher's remaining tower blocks, its predictors and per-level scales. The
+        teacher's parameters stay frozen; gradients flow into the tensors."""
+        return self._outputs.teacher_head_from(tower)
 
     # ---- conveniences ----
     @property
