@@ -380,6 +380,17 @@ def test_one_training_step_per_head(tmp_path, storage, head, arch):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+def test_the_four_heads_return_finite_float32_losses_under_cpu_bfloat16_autocast(tmp_path, storage):
+    model = build_model(distill_cfg(tmp_path, heads=sorted(STEP_KEYS)))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(random_batch())
+    for key in sum(STEP_KEYS.values(), []):
+        assert losses[key].dtype == torch.float32 and torch.isfinite(losses[key]), key
+    sum(losses.values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.distill_heads.parameters())
+
+
 def test_the_four_heads_train_together_on_a_faster_teacher_and_a_retinanet_student(tmp_path, storage):
     """Levels paired by stride: the teacher's p2-p6 and the student's p3-p7 share 8-64; FGD and
     MGD take every shared stride for a dense student."""
@@ -391,6 +402,35 @@ def test_the_four_heads_train_together_on_a_faster_teacher_and_a_retinanet_stude
         assert torch.isfinite(losses[key]) and losses[key].item() > 0, key
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in model.distill_heads.parameters())
+
+
+def test_coco_configs_run_the_released_settings_and_shapes_configs_rescale_them_as_their_comments_say():
+    def cfg(*parts):
+        return load_config(os.path.join(REPO, "configs", *parts))
+
+    for arch, kind in (("faster_rcnn", "TWO_STAGE"), ("retinanet", "DENSE")):
+        coco = {m: cfg(f"{m}_{arch}_R_50_FPN_2x_coco.yaml") for m in ("cwd", "mgd", "fgd")}
+        assert (coco["cwd"].DISTILL.CWD.WEIGHT, coco["cwd"].DISTILL.CWD.TEMPERATURE) == (10.0, 1.0)
+        mgd, fgd = coco["mgd"].DISTILL.MGD[kind], coco["fgd"].DISTILL.FGD[kind]
+        assert (mgd.WEIGHT, mgd.MASK_RATIO) == {"TWO_STAGE": (5e-7, 0.45), "DENSE": (2e-5, 0.65)}[kind]
+        released = {"TWO_STAGE": (5e-5, 2.5e-5, 5e-5, 5e-7), "DENSE": (1e-3, 5e-4, 5e-4, 5e-6)}[kind]
+        assert (fgd.FG_WEIGHT, fgd.BG_WEIGHT, fgd.ATTENTION_WEIGHT, fgd.GLOBAL_WEIGHT) == released
+        # the shapes configs: sums over every element x (COCO's / these maps' element count),
+        # rounded (212 -> 200 two-stage, 53 -> 50 dense), sums over channels x 4
+        elements = {"TWO_STAGE": 200, "DENSE": 50}[kind]
+        shapes = {m: cfg("shapes", f"{m}_{arch}_R_18_half_FPN_1k_shapes.yaml") for m in ("cwd", "mgd", "fgd")}
+        assert shapes["cwd"].DISTILL.CWD.WEIGHT == 10.0
+        assert shapes["mgd"].DISTILL.MGD[kind].WEIGHT == pytest.approx(mgd.WEIGHT * elements)
+        assert shapes["mgd"].DISTILL.MGD[kind].MASK_RATIO == mgd.MASK_RATIO
+        small = shapes["fgd"].DISTILL.FGD[kind]
+        assert (small.FG_WEIGHT, small.BG_WEIGHT, small.ATTENTION_WEIGHT, small.GLOBAL_WEIGHT) == pytest.approx(
+            (released[0] * 4, released[1] * 4, released[2], released[3] * elements))
+    coco, small = cfg("fbkd_faster_rcnn_R_50_FPN_2x_coco.yaml").DISTILL.FBKD, cfg(
+        "shapes", "fbkd_faster_rcnn_R_18_half_FPN_1k_shapes.yaml").DISTILL.FBKD
+    keys = ("FEATURE_WEIGHT", "CHANNEL_WEIGHT", "SPATIAL_WEIGHT", "NONLOCAL_WEIGHT")
+    assert tuple(coco[k] for k in keys) == (7e-5, 4e-3, 4e-3, 7e-5)
+    # norms: x the square root of the element ratio (212 -> 14; channels 4 -> 2; cells 53 -> 7)
+    assert tuple(small[k] for k in keys) == pytest.approx((7e-5 * 14, 4e-3 * 2, 4e-3 * 7, 7e-5 * 14))
 
 
 SHAPES_CONFIGS = [f"{m}_faster_rcnn_R_18_half_FPN_1k_shapes.yaml" for m in ("cwd", "fbkd", "fgd", "mgd")] + [

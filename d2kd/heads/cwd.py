@@ -35,8 +35,8 @@ class CWDHead(DistillHead):
 
     Every shared stride by default (mmrazor's detection configs distil all five FPN outputs,
     for Faster R-CNN and RetinaNet alike, at tau 1 and weight 10). A 1x1 adapter maps the
-    student's channels to the teacher's where they differ (the paper's fix for a channel
-    mismatch); with equal channels the maps are compared as they are. Produces
+    student's channels to the teacher's where they differ (d2kd's: mmrazor's loss needs equal
+    channels); with equal channels the maps are compared as they are. Produces
     ``loss_distill_cwd``.
     """
 

@@ -161,12 +161,13 @@ class FBKDHead(DistillHead):
                 mask = mask * (channel_attention(teacher, self.temperature)
                                + channel_attention(student, self.temperature)) / 2
             terms["feature"] = terms["feature"] + attention_guided_loss(level.feature(student), teacher, mask.detach())
-            pooled = level.channel(student.float().mean(dim=(2, 3)))
+            # each difference in fp32 (the adapters and blocks run in half precision under autocast)
+            pooled = level.channel(student.float().mean(dim=(2, 3))).float()
             terms["channel"] = terms["channel"] + torch.linalg.vector_norm(teacher.mean(dim=(2, 3)) - pooled)
-            spatial = level.spatial(student.float().mean(dim=1, keepdim=True))
+            spatial = level.spatial(student.float().mean(dim=1, keepdim=True)).float()
             terms["spatial"] = terms["spatial"] + torch.linalg.vector_norm(teacher.mean(dim=1, keepdim=True) - spatial)
-            relation_s = level.non_local_adapter(level.student_non_local(student))
-            relation_t = level.teacher_non_local(teacher)
-            terms["nonlocal"] = terms["nonlocal"] + torch.linalg.vector_norm(relation_t - relation_s.float())
+            relation_s = level.non_local_adapter(level.student_non_local(student)).float()
+            relation_t = level.teacher_non_local(teacher).float()
+            terms["nonlocal"] = terms["nonlocal"] + torch.linalg.vector_norm(relation_t - relation_s)
         decay = self.decay_factor(ctx)
         return {self.loss_key(name): terms[name] * (self.weights[name] * decay) for name in self.weights}

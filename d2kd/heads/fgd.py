@@ -198,8 +198,9 @@ class FGDHead(DistillHead):
             fg_loss = fg_loss + fg_s
             bg_loss = bg_loss + bg_s
             attention_loss = attention_loss + fgd_attention_loss(spatial_s, channel_s, spatial_t, channel_t)
-            relation_s = self.student_blocks[f"s{s}"](student)
-            relation_t = self.teacher_blocks[f"s{s}"](teacher)
+            # fp32 before the sum of squares (the blocks run in half precision under autocast)
+            relation_s = self.student_blocks[f"s{s}"](student).float()
+            relation_t = self.teacher_blocks[f"s{s}"](teacher).float()
             global_loss = global_loss + ((relation_t - relation_s) ** 2).sum() / teacher.shape[0]
         decay = self.decay_factor(ctx)
         return {
