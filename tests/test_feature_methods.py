@@ -183,6 +183,28 @@ def test_fgd_masks_scale_by_box_area_and_normalise_the_background_by_its_count()
     assert fg[0, 6:, 6:].eq(1 / 9).all() and fg[0].gt(0).sum() == 4
 
 
+def test_fgd_masks_match_a_box_by_box_slicing_of_the_map_on_random_boxes():
+    """The vectorised masks against the definition written out box by box: slice the cells
+    floor(x1/s)..ceil(x2/s) (ends included, cut at the map), keep the larger value."""
+    g = torch.Generator().manual_seed(0)
+    stride, h, w = 8, 7, 9
+    boxes = []
+    for n in (5, 0, 3):
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w * stride, h * stride])
+        wh = 1 + torch.rand(n, 2, generator=g) * 40  # some reach past the map
+        boxes.append(torch.cat([xy, xy + wh], 1))
+    fg, bg = fgd_masks(boxes, stride, (h, w))
+    for i, b in enumerate(boxes):
+        expected = torch.zeros(h, w)
+        for x1, y1, x2, y2 in (b / stride).tolist():
+            c0, c1, r0, r1 = math.floor(x1), math.ceil(x2), math.floor(y1), math.ceil(y2)
+            value = 1.0 / ((r1 + 1 - r0) * (c1 + 1 - c0))
+            expected[r0:r1 + 1, c0:c1 + 1] = expected[r0:r1 + 1, c0:c1 + 1].clamp(min=value)
+        assert torch.allclose(fg[i], expected)
+        free = expected == 0
+        assert torch.allclose(bg[i], free.float() / max(int(free.sum()), 1))
+
+
 def test_fgd_focal_terms_count_boxes_and_images_on_a_constant_map():
     # a constant teacher map has uniform attention (every A^S and A^C is 1); against a zero
     # student each cell's error is 1, so the foreground term is sum(M) / N = boxes / N and the
