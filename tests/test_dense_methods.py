@@ -287,6 +287,19 @@ def test_heads_train_a_step_on_both_dense_kinds(tmp_path, heads, keys, arch):
         assert model.distill_heads["crosskd"].box_loss == expected
 
 
+def test_crosskd_runs_the_teacher_head_once_per_step(tmp_path):
+    """teacher.dense and teacher.head_tower come from one pass of the teacher's head; the cross
+    head calls its layers, not its forward."""
+    cfg = retinanet_pair(tmp_path, ["crosskd"])
+    cfg.DISTILL.CROSSKD.LAYER = 1
+    model = build_model(cfg)
+    calls = []
+    model.teacher.head.register_forward_hook(lambda *args: calls.append(1))
+    one_step(cfg, model)
+    assert len(calls) == 1
+    assert set(model.teacher_parts()) == {"backbone", "dense head", "dense head on the student's tower"}
+
+
 def test_crosskd_is_zero_when_the_student_is_the_teacher(tmp_path):
     """Same architecture and weights on both sides: the cross head is the teacher's head on the
     teacher's own tower (align_scale maps it to itself), so both terms vanish."""
