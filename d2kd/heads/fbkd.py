@@ -95,8 +95,8 @@ class FBKDHead(DistillHead):
 
     - ``loss_distill_fbkd_feature``: ``sqrt(sum(M_S (F_t - A(F_s))^2))``, M_S the mean of
       the two models' spatial attention (:func:`spatial_attention`, detached); with
-      ``CHANNEL_MASK`` also times the mean channel attention (the paper's formula; the
-      released code computes it and leaves it out).
+      ``CHANNEL_MASK`` also times the mean channel attention, which the released code
+      computes and then leaves out.
     - ``loss_distill_fbkd_channel``: ``||mean_cells F_t - Linear(mean_cells F_s)||``.
     - ``loss_distill_fbkd_spatial``: ``||mean_c F_t - conv3x3(mean_c F_s)||``.
     - ``loss_distill_fbkd_nonlocal``: ``||NL_t(F_t) - conv1x1(NL_s(F_s))||``, both non-local
@@ -119,7 +119,7 @@ class FBKDHead(DistillHead):
         _C.DISTILL.FBKD.NONLOCAL_WEIGHT = 7e-5
         # Temperature T of the spatial (and channel) attention softmaxes (released: 0.5).
         _C.DISTILL.FBKD.TEMPERATURE = 0.5
-        # Also weight the feature term by the mean channel attention (the paper; released: off).
+        # Also weight the feature term by the mean channel attention (the release computes it, unused).
         _C.DISTILL.FBKD.CHANNEL_MASK = False
         # Strides to distil; empty means every stride both models have (released: P2-P6).
         _C.DISTILL.FBKD.STRIDES = []
