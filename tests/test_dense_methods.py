@@ -17,7 +17,7 @@ from d2kd.config import load_config
 from d2kd.heads import DISTILL_HEAD_REGISTRY, DistillHead
 from d2kd.heads.bckd import BCKDHead, DenseBoxDecoder, binary_kd_loss
 from d2kd.heads.crosskd import CrossKDHead, align_scale
-from d2kd.structures import STUDENT, TEACHER, AnchorMatches, DenseOutputs, DistillContext, HeadTower
+from d2kd.structures import STUDENT, TEACHER, AnchorMatches, DenseOutputs, DistillContext
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -136,8 +136,10 @@ class BCKDHead(DistillHead):
         self.decode = DenseBoxDecoder(cfg, distribution)
         # GFL's normaliser is averaged over workers (as GFL's own losses), RetinaNet's is not
         self.over_workers = distribution
-        self.requires = frozenset({"student.dense", "teacher.dense", "student.anchors", "paired_anchors"}
-                                  | ({"student.box_distribution", "teacher.box_distribution"} if distribution else set()))
+        self.requires = frozenset(
+            {"student.dense", "teacher.dense", "student.anchors", "paired_anchors"}
+            | ({"student.box_distribution", "teacher.box_distribution"} if distribution else set())
+        )
 
     def forward(self, ctx) -> Dict[str, Tensor]:
         dense_s, dense_t = ctx.dense(STUDENT), ctx.dense(TEACHER)

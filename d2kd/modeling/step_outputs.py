@@ -143,7 +143,10 @@ class ModelStepOutputs(StepOutputs):
         kind = self.model.kind if side == STUDENT else self.model.teacher_kind
         strides = [model.backbone.output_shape()[f].stride for f in model.head_in_features]
         if layer == 0:  # the head's input: the FPN features
-            named = self._recorded("backbone", "backbone features") if side == STUDENT else self._teacher_features_named()
+            if side == STUDENT:
+                named = self._recorded("backbone", "backbone features")
+            else:
+                named = self._teacher_features_named()
             level = [named[f] for f in model.head_in_features]
             branches = [dict(zip(strides, level)) for _ in kind.towers.branches]
         else:
