@@ -251,6 +251,23 @@ def test_gfl_cross_head_applies_the_teacher_scales(tmp_path):
         assert torch.allclose(again.branches[1][s], teacher.branches[1][s], atol=1e-5)
 
 
+def test_under_autocast_the_cross_head_runs_in_the_students_precision_and_losses_are_float32(tmp_path):
+    """CPU bfloat16 autocast (SOLVER.AMP on CPU): the heads run with autocast off, but the
+    teacher's layers on the student's tower re-enter the student's autocast state, as every
+    teacher pass; CrossKD's losses stay float32 and finite."""
+    cfg = retinanet_pair(tmp_path, ["towerprobe", "crosskd"], student_channels=32, teacher_channels=32)
+    cfg.DISTILL.CROSSKD.LAYER = 1
+    model = build_model(cfg)
+    model.train()
+    with EventStorage(0), torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(random_batch())
+    assert losses["loss_distill_towerprobe"].dtype == torch.bfloat16
+    for key in ("loss_distill_crosskd_cls", "loss_distill_crosskd_box"):
+        assert losses[key].dtype == torch.float32 and torch.isfinite(losses[key])
+    (losses["loss_distill_crosskd_cls"] + losses["loss_distill_crosskd_box"]).backward()
+    assert model.head.cls_subnet[0].weight.grad.abs().sum() > 0
+
+
 def test_a_tower_layer_beyond_the_towers_is_refused_at_build(tmp_path):
     cfg = retinanet_pair(tmp_path, ["crosskd"], num_convs=2)
     cfg.DISTILL.CROSSKD.LAYER = 3
