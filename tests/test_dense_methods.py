@@ -195,6 +195,29 @@ def test_crosskd_box_kl_is_the_teacher_confidence_weighted_edge_kl():
     assert torch.allclose(losses["loss_distill_crosskd_box"], torch.tensor(expected), atol=1e-6)
 
 
+def test_crosskd_giou_box_term_on_retinanet_by_hand():
+    """The RetinaNet box term: GIoU of the decoded cross boxes against the teacher's, weighted by
+    the teacher's confidence, ignored anchors left out, / positives (the cross head stubbed)."""
+    cfg = detector_cfg("retinanet")
+    cfg.MODEL.META_ARCHITECTURE = "DistillRetinaNet"
+    shapes = {8: ShapeSpec(channels=16, stride=8)}
+    head = CrossKDHead(cfg, shapes, shapes)
+    assert head.box_loss == "giou" and head.box_weight == 1.0
+    anchors = one_level_anchors([[0, 0, 16, 16], [16, 0, 32, 16], [0, 16, 16, 32]], labels=[0, 1, -1])
+    cls_t = torch.tensor([[math.log(3.0)], [0.0], [5.0]])  # confidence 0.75, 0.5; the third is ignored
+    box_t = torch.zeros(3, 4)
+    box_c = torch.tensor([[0.0, 0.0, math.log(2.0), 0.0], [0.0, 0.0, 0.0, 0.0], [9.0, 0, 0, 0]])
+    cross = dense(cls_t, box_c)
+    head.cross_inputs = lambda ctx: None
+    step = FakeDenseStep(None, dense(cls_t, box_t), anchors)
+    step.teacher_head_from = lambda tower: cross
+    losses = head(DistillContext(step, [None], 1, [8]))
+    # anchor 0: the cross box twice as wide about the same centre, GIoU 1/2, weight 0.75; anchor 1
+    # agrees; one positive
+    assert torch.allclose(losses["loss_distill_crosskd_box"], torch.tensor(0.75 * 0.5), atol=1e-5)
+    assert losses["loss_distill_crosskd_cls"].abs().item() < 1e-7
+
+
 # ---------------------------------------------------------------- the context: towers and cross head
 @pytest.mark.parametrize("norm", ["", "BN"])
 def test_teacher_head_from_any_layer_of_its_own_tower_reproduces_its_predictions(tmp_path, norm):
