@@ -19,12 +19,13 @@ def add_distill_config(cfg):
     _C.DISTILL = CN()
 
     _C.DISTILL.TEACHER = CN()
-    # The teacher's own detectron2 config: a local yaml, or a model-zoo name such as
-    # "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml".
+    # The teacher's own detectron2 config: a local yaml or .py LazyConfig, or a model-zoo name
+    # such as "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml" / "new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py".
     _C.DISTILL.TEACHER.CONFIG_FILE = ""
     # The teacher's trained weights: a path, a URL, or a detectron2:// URI. Required.
     _C.DISTILL.TEACHER.WEIGHTS = ""
-    # Overrides applied to the teacher's config after loading it, as KEY VALUE pairs.
+    # Overrides applied to the teacher's config after loading it: KEY VALUE pairs for a yaml,
+    # "key=value" strings for a .py LazyConfig (e.g. "model.roi_heads.num_classes=6").
     _C.DISTILL.TEACHER.OPTS = []
     # Load .pkl TEACHER.WEIGHTS / MODEL.WEIGHTS from outside detectron2's model zoo (unpickling runs code).
     _C.DISTILL.TEACHER.ALLOW_PICKLE = False
@@ -130,14 +131,15 @@ def resolve_teacher_config_file(name: str, relative_to: str = "") -> str:
     Tried in order: a ``d2kd://`` URI (a release's config.yaml in d2kd's model zoo, fetched
     through detectron2's PathManager), a path relative to ``relative_to`` (the directory of
     the yaml that wrote it, as detectron2 resolves ``_BASE_``), a path as given (absolute or
-    relative to the working directory), a detectron2 model-zoo config name.
+    relative to the working directory), a detectron2 model-zoo config name. Any of them may be
+    a ``.py`` LazyConfig (d2kd.modeling.lazy_teacher), except a ``d2kd://`` release's config.
     """
     import os
 
     if not name:
         raise TeacherConfigError(
-            "DISTILL.TEACHER.CONFIG_FILE is empty: set it to the teacher's yaml, or to a "
-            "detectron2 model-zoo name such as COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml"
+            "DISTILL.TEACHER.CONFIG_FILE is empty: set it to the teacher's yaml or .py LazyConfig, "
+            "or to a detectron2 model-zoo name such as COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml"
         )
     if name.startswith("d2kd://"):
         from detectron2.utils.file_io import PathManager
@@ -161,7 +163,8 @@ def resolve_teacher_config_file(name: str, relative_to: str = "") -> str:
     except RuntimeError:
         raise TeacherConfigError(
             f"DISTILL.TEACHER.CONFIG_FILE = '{name}' is neither an existing file nor a "
-            "detectron2 model-zoo config name (e.g. COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml). "
+            "detectron2 model-zoo config name (e.g. COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml, "
+            "or new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py for a LazyConfig). "
             "A relative path written in a yaml is looked up beside that yaml (at any depth of "
             f"_BASE_); one given on the command line, in the working directory {os.getcwd()}"
         ) from None

@@ -10,6 +10,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from d2kd.config import load_config
 from d2kd.modeling import DENSE, TWO_STAGE
 from d2kd.modeling.kinds import is_distill_meta_arch
+from d2kd.modeling.lazy_teacher import LazyTeacherConfig
 from d2kd.modeling.teacher import build_teacher_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,6 +22,9 @@ NAME = re.compile(r"^([a-z][a-z_]*_)?(faster_rcnn|cascade_rcnn|retinanet|gfl)_R_
 
 
 def config_classes(cfg) -> int:
+    if isinstance(cfg, LazyTeacherConfig):  # a .py teacher: its LazyConfig's own key
+        model = cfg.lazy.model
+        return model.roi_heads.num_classes if "roi_heads" in model else model.num_classes
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch in ("GFL", "DistillGFL"):
         return cfg.MODEL.GFL.NUM_CLASSES

@@ -19,6 +19,13 @@ from ..checkpoint import (
 from ..config import TeacherConfigError, add_distill_config, resolve_teacher_config_file
 from .box_head_on import check_cascade_stage
 from .kinds import DetectorKind, is_distill_meta_arch, kind_of
+from .lazy_teacher import (
+    NUM_CLASSES_KEYS,
+    LazyTeacherConfig,
+    build_lazy_teacher_cfg,
+    build_lazy_teacher_model,
+    is_lazy_config_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -26,11 +33,21 @@ __all__ = ["TeacherConfigError", "build_teacher_cfg", "build_teacher", "load_tea
 
 
 def build_teacher_cfg(student_cfg):
-    """The teacher's own config: its file, then DISTILL.TEACHER.OPTS, on the student's device."""
+    """The teacher's own config: its file, then DISTILL.TEACHER.OPTS, on the student's device.
+
+    A yaml gives a frozen yacs config; a ``.py`` LazyConfig a :class:`LazyTeacherConfig`
+    (its OPTS are LazyConfig "key=value" overrides), which has the keys d2kd reads of a
+    teacher's config (``MODEL.META_ARCHITECTURE``, ``MODEL.DEVICE``, ``INPUT.FORMAT``).
+    """
+    name = student_cfg.DISTILL.TEACHER.CONFIG_FILE
+    path = resolve_teacher_config_file(name)
+    if is_lazy_config_file(path):
+        return build_lazy_teacher_cfg(path, list(student_cfg.DISTILL.TEACHER.OPTS), student_cfg.MODEL.DEVICE,
+                                      shown_name=name)
     cfg = get_cfg()
     # A teacher yaml may itself be a d2kd config (e.g. a distilled student used as teacher).
     add_distill_config(cfg)
-    cfg.merge_from_file(resolve_teacher_config_file(student_cfg.DISTILL.TEACHER.CONFIG_FILE))
+    cfg.merge_from_file(path)
     cfg.merge_from_list(list(student_cfg.DISTILL.TEACHER.OPTS))
     cfg.MODEL.DEVICE = student_cfg.MODEL.DEVICE
     cfg.MODEL.WEIGHTS = ""  # loaded from DISTILL.TEACHER.WEIGHTS, strictly
@@ -47,7 +64,17 @@ def build_teacher_cfg(student_cfg):
 def build_teacher(student_cfg):
     """Build the teacher (not yet loaded) and return ``(teacher, teacher_cfg, kind)``."""
     teacher_cfg = build_teacher_cfg(student_cfg)
-    teacher = build_model(teacher_cfg)
+    if isinstance(teacher_cfg, LazyTeacherConfig):
+        teacher = build_lazy_teacher_model(teacher_cfg, shown_name=student_cfg.DISTILL.TEACHER.CONFIG_FILE)
+        if is_distill_meta_arch(type(teacher).__name__):
+            raise TeacherConfigError(
+                f"the LazyConfig teacher {student_cfg.DISTILL.TEACHER.CONFIG_FILE} builds a "
+                f"{type(teacher).__name__}; a teacher must be a plain detector"
+            )
+        # for messages that name the key setting the teacher's class count (check_same_classes)
+        teacher.lazy_config_file = student_cfg.DISTILL.TEACHER.CONFIG_FILE
+    else:
+        teacher = build_model(teacher_cfg)
     kind = kind_of(teacher)
     if kind is None:
         raise TeacherConfigError(
@@ -70,11 +97,14 @@ def check_same_classes(student: nn.Module, student_kind: DetectorKind, teacher: 
                        teacher_kind: DetectorKind) -> None:
     s_classes, t_classes = student_kind.num_classes(student), teacher_kind.num_classes(teacher)
     if s_classes != t_classes:
+        lazy = getattr(teacher, "lazy_config_file", "")
+        teacher_key = (f"{NUM_CLASSES_KEYS.get(teacher_kind.name, 'class count')} in its LazyConfig {lazy}"
+                       if lazy else teacher_kind.num_classes_key or "class count")
         raise TeacherConfigError(
             f"the teacher predicts {t_classes} classes but the student predicts {s_classes}: "
             "distillation needs the same label space. Train the teacher on the student's "
             f"dataset, or fix the student's {student_kind.num_classes_key or 'class count'} / the "
-            f"teacher's {teacher_kind.num_classes_key or 'class count'} (DISTILL.TEACHER.OPTS can "
+            f"teacher's {teacher_key} (DISTILL.TEACHER.OPTS can "
             "override the teacher's)"
         )
 
