@@ -90,3 +90,72 @@ def test_a_plain_teacher_is_unchanged():
         by_hand = roi.box_predictor(roi.box_head(x))
     torch.testing.assert_close(logits, by_hand[0])
     torch.testing.assert_close(deltas, by_hand[1])
+
+
+def _cascade_teacher_cfg(tmp_path, heads, **teacher):
+    """A Faster R-CNN student config whose teacher is a freshly saved random cascade."""
+    t_cfg = cascade_cfg(channels=32)
+    t_yaml = write_yaml(t_cfg, tmp_path / "cascade.yaml")
+    t_weights = str(tmp_path / "cascade.pth")
+    save_plain_model(t_cfg, t_weights, seed=1)
+    cfg = distill_cfg(tmp_path, heads=heads)
+    cfg.DISTILL.TEACHER.CONFIG_FILE = t_yaml
+    cfg.DISTILL.TEACHER.WEIGHTS = t_weights
+    for key, value in teacher.items():
+        setattr(cfg.DISTILL.TEACHER, key, value)
+    return cfg
+
+
+@pytest.mark.parametrize("heads", [["kd"], ["gk"], ["defeat"]])
+def test_heads_that_read_the_teachers_box_head_train_a_step_from_a_cascade_teacher(tmp_path, heads):
+    cfg = _cascade_teacher_cfg(tmp_path, heads)
+    model = build_model(cfg)
+    model.train()
+    with EventStorage(0):
+        losses = model(random_batch())
+    distill = {k: v for k, v in losses.items() if k.startswith("loss_distill")}
+    assert distill and all(torch.isfinite(v) for v in distill.values())
+    # the term that reads the cascade's scores is there and non-zero
+    reads_scores = {"kd": "loss_distill_kd", "gk": "loss_distill_gk_response", "defeat": "loss_distill_defeat_kl_fg"}
+    assert distill[reads_scores[heads[0]]].item() > 0, distill
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def test_the_kd_target_from_a_cascade_is_its_mean_score_and_one_stage_on_request(tmp_path):
+    cfg = _cascade_teacher_cfg(tmp_path, ["kd"])
+    model = build_model(cfg)
+    model.train()
+    seen = []
+    from d2kd.modeling import step_outputs
+
+    original = step_outputs.box_head_on
+
+    def recording(roi_heads, features, boxes, sizes, stage):
+        out = original(roi_heads, features, boxes, sizes, stage)
+        seen.append((stage, out[0]))
+        return out
+
+    import unittest.mock as mock
+
+    with mock.patch.object(step_outputs, "box_head_on", recording), EventStorage(0):
+        model(random_batch())
+    assert seen and seen[0][0] == -1
+    # log-probabilities of the cascade's mean score: they exponentiate to rows summing to 1
+    torch.testing.assert_close(seen[0][1].exp().sum(dim=1), torch.ones(len(seen[0][1])))
+
+    (tmp_path / "one").mkdir()
+    one = _cascade_teacher_cfg(tmp_path / "one", ["kd"], CASCADE_STAGE=2)
+    assert build_model(one).teacher_cascade_stage == 2
+    (tmp_path / "bad").mkdir()
+    bad = _cascade_teacher_cfg(tmp_path / "bad", ["kd"], CASCADE_STAGE=5)
+    with pytest.raises(ValueError, match="CASCADE_STAGE is 5, but the teacher's cascade has 3 stages"):
+        build_model(bad)
+
+
+def test_a_cascade_student_is_refused_with_what_to_use_instead(tmp_path):
+    cfg = distill_cfg(tmp_path, heads=["fitnet"])
+    cfg.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"
+    cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
+    with pytest.raises(ValueError, match="a Cascade R-CNN student .* is not supported"):
+        build_model(cfg)

@@ -68,6 +68,8 @@ class DistillSetup:
     start_iter: int = 0
     max_iter: int = 1
     flip_teacher_channels: bool = False
+    # DISTILL.TEACHER.CASCADE_STAGE: a Cascade R-CNN teacher's scores on given boxes
+    cascade_stage: int = -1
 
 
 def build_distill_setup(cfg, student_backbone) -> DistillSetup:
@@ -93,6 +95,7 @@ def build_distill_setup(cfg, student_backbone) -> DistillSetup:
         start_iter=cfg.DISTILL.SCHEDULE.START_ITER,
         max_iter=cfg.SOLVER.MAX_ITER,
         flip_teacher_channels=cfg.INPUT.FORMAT != teacher_cfg.INPUT.FORMAT,
+        cascade_stage=cfg.DISTILL.TEACHER.CASCADE_STAGE,
     )
 
 
@@ -134,6 +137,7 @@ class DistillMixin:
         self._teacher = _Hidden(teacher)
         self.teacher_cfg = setup.teacher_cfg
         self.teacher_kind = setup.teacher_kind
+        self.teacher_cascade_stage = setup.cascade_stage
         self.distill_heads = setup.heads
         self._distill_start_iter = setup.start_iter
         self._distill_max_iter = setup.max_iter

@@ -29,6 +29,7 @@ from ..structures import (
     StepOutputs,
     by_stride,
 )
+from .box_head_on import box_head_on
 from .head_tower import head_from, tower_key
 
 
@@ -218,11 +219,11 @@ class ModelStepOutputs(StepOutputs):
         )
 
     def teacher_box_head(self, boxes: List[Boxes]) -> Tuple[Tensor, Tensor]:
-        roi_heads = self.teacher.roi_heads
+        # a Cascade R-CNN teacher answers with its own inference score (d2kd/modeling/box_head_on.py)
         named = self._teacher_features_named()
+        image_sizes = self.images(TEACHER).image_sizes
         with self._teacher_pass():
-            x = roi_heads.box_pooler([named[f] for f in roi_heads.box_in_features], boxes)
-            return roi_heads.box_predictor(roi_heads.box_head(x))
+            return box_head_on(self.teacher.roi_heads, named, boxes, image_sizes, self.model.teacher_cascade_stage)
 
     # ---- anchors matched to GT ----
     def anchors(self) -> AnchorMatches:
