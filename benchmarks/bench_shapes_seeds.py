@@ -11,13 +11,16 @@ the GFL pair with LD)::
 
     python benchmarks/bench_shapes_seeds.py --pair one_stage --seeds 0 1 2 --output-dir output/one_stage
 
-The methods of other toolboxes (issue 18: CWD, MGD, FGD, FBKD; ``<m>_authors`` the released
-weights literally; GK + FGD) on the two-stage and the RetinaNet pairs (named methods only)::
+The methods of other toolboxes and the newest (issue 18: CWD, MGD, FGD, FBKD, CrossKD, BCKD;
+``<m>_authors`` the released weights literally; GK + FGD) on the two-stage, RetinaNet and GFL
+pairs (named methods only)::
 
     python benchmarks/bench_shapes_seeds.py --seeds 0 1 2 --output-dir output/demo --methods \
         cwd mgd fgd fbkd gk_fgd
     python benchmarks/bench_shapes_seeds.py --pair retinanet --seeds 0 1 2 --output-dir output/one_stage/retinanet \
-        --methods cwd mgd fgd
+        --methods cwd mgd fgd crosskd
+    python benchmarks/bench_shapes_seeds.py --pair gfl --seeds 0 1 2 --output-dir output/one_stage/gfl \
+        --methods ld crosskd bckd
 
 The RM + PFI ablation (named methods only: RM alone, PFI alone, both on logits)::
 
@@ -190,7 +193,8 @@ PAIRS = {
             "rm_pfi_logits": Method(RM_PFI, "retinanet",
                                     ("DISTILL.RANK_MIMIC.SCORES", "logits", "DISTILL.PFI.SCORES", "logits")),
             # other toolboxes' feature methods (issue 18), and the released weights literally
-            **{m: Method(_config(f"{m}_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet") for m in ("cwd", "mgd", "fgd")},
+            **{m: Method(_config(f"{m}_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet")
+               for m in ("cwd", "mgd", "fgd", "crosskd")},
             "mgd_authors": Method(_config("mgd_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet",
                                   ("DISTILL.MGD.DENSE.WEIGHT", "2e-5")),
             "fgd_authors": Method(_config("fgd_retinanet_R_18_half_FPN_1k_shapes.yaml"), "retinanet",
@@ -202,7 +206,8 @@ PAIRS = {
     # GFL R-18 -> R-18 half width (distribution box branch): LD
     "gfl": _pair(
         "gfl",
-        {"ld": Method(_config("ld_gfl_R_18_half_FPN_1k_shapes.yaml"), "gfl")},
+        {m: Method(_config(f"{m}_gfl_R_18_half_FPN_1k_shapes.yaml"), "gfl") for m in ("ld", "crosskd", "bckd")},
+        default_methods=("ld",),
     ),
 }
 # --pair one_stage: every one-stage student in one table
