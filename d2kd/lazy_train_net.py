@@ -41,21 +41,21 @@ from detectron2.engine import (
 )
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import AtomicDetectionCheckpointer
 from .data.mapper import ImageNamingMapper
 from .data.shapes import DATASET_PREFIX as SHAPES_PREFIX
 from .data.shapes import ensure_shapes_generated
+from .engine.experiment import RESULTS_FILE, TRAIN_TIME_FILE, stage_results
 from .engine.resume import ResumePastMaxIterError
 from .engine.trainer import DistillAMPTrainer, create_ddp_model
 from .utils.atomic import atomic_write, remove_stale_temporaries
 from .utils.logging import setup_d2kd_logger
 
 logger = logging.getLogger("d2kd")
-
-RESULTS_FILE = "final_results.json"  # as d2kd.engine.experiment's stages
-
 
 class ClipGradNormHook(HookBase):
     """Clips the gradients' global L2 norm after each backward (``train.clip_grad_norm``).
@@ -128,6 +128,19 @@ def build_train_loader(cfg):
     return instantiate(loader_cfg)
 
 
+def _ddp(model, options):
+    """d2kd's create_ddp_model (DDP also on CPU) with ``train.ddp``'s options;
+    ``fp16_compression`` is detectron2's: a gradient-compression hook, not a DDP argument."""
+    options = dict(options or {})
+    fp16 = options.pop("fp16_compression", False)
+    model = create_ddp_model(model, **options)
+    if fp16 and isinstance(model, DistributedDataParallel):
+        from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
+
+        model.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
+    return model
+
+
 def do_train(args, cfg) -> Dict:
     """detectron2's LazyConfig loop: model, optimizer, loader, (AMP)trainer, hooks, resume.
     Returns the last evaluation's results (the EvalHook's; it also runs after the last step)."""
@@ -138,7 +151,7 @@ def do_train(args, cfg) -> Dict:
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     data_loader = build_train_loader(cfg)
-    model = create_ddp_model(model, **train.ddp)
+    model = _ddp(model, train.ddp)
     trainer = (DistillAMPTrainer if train.amp.enabled else SimpleTrainer)(model, data_loader, optimizer)
     checkpointer = AtomicDetectionCheckpointer(model, train.output_dir, trainer=trainer)
     clip = OmegaConf.select(cfg, "train.clip_grad_norm", default=None)
@@ -188,19 +201,28 @@ def main(args):
 def train_and_evaluate_lazy(config_file: str, output_dir: str, overrides: Sequence[str] = ()) -> Dict:
     """A stage as d2kd.engine.experiment.train_and_evaluate, for a LazyConfig: train
     ``config_file`` into ``output_dir`` (resuming an interrupted run), evaluate it, return and
-    save the bbox metrics; a finished stage (``final_results.json``) is returned without work."""
-    path = os.path.join(output_dir, RESULTS_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f)
+    save the bbox metrics (its ``final_results.json``, so ``stage_results`` reads it); a
+    finished stage is returned without work. ``overrides`` are "key=value" strings; a
+    ``train.seed`` >= 0 seeds every RNG, as detectron2's ``default_setup`` does."""
+    done = stage_results(output_dir)
+    if done is not None:
+        logger.info(f"Reusing finished stage {output_dir}")
+        return done
     os.makedirs(output_dir, exist_ok=True)
     cfg = load_lazy_config(config_file, list(overrides) + [f"train.output_dir={output_dir}"])
+    seed = OmegaConf.select(cfg, "train.seed", default=-1)
+    seed_all_rng(None if seed is None or seed < 0 else seed + comm.get_rank())
+    if comm.is_main_process():
+        LazyConfig.save(cfg, os.path.join(output_dir, "config.yaml"))
     start = time.perf_counter()
     results = do_train(SimpleNamespace(resume=True), cfg)
-    logger.info(f"Trained {config_file} into {output_dir} in {time.perf_counter() - start:.0f} s")
+    if comm.is_main_process():
+        atomic_write(os.path.join(output_dir, TRAIN_TIME_FILE), json.dumps({
+            "seconds": round(time.perf_counter() - start, 1), "iterations": cfg.train.max_iter,
+            "note": "wall time of the run that finished the stage (a resumed stage: its last run only)"}))
     bbox = dict(results.get("bbox", {}))
     if comm.is_main_process():
-        atomic_write(path, json.dumps(bbox, indent=1))
+        atomic_write(os.path.join(output_dir, RESULTS_FILE), json.dumps(bbox, indent=1))
     return bbox
 
 

@@ -59,6 +59,24 @@ def test_config_names_follow_the_scheme_and_plain_configs_stay_plain(path):
         assert any(name.startswith(h + "_") for h in cfg.DISTILL.HEADS), "the name starts with an enabled head"
 
 
+# LazyConfig (.py) models: plain detectors only (a teacher, trained with tools/lazy_train_net.py)
+LAZY_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.py"), recursive=True))
+LAZY_NAME = re.compile(r"^[a-z][a-z0-9]*_(faster_rcnn|cascade_rcnn|retinanet|gfl)_\w+_\d+k_(coco|voc|shapes)\.py$")
+
+
+@pytest.mark.parametrize("path", LAZY_CONFIGS, ids=[os.path.relpath(p, REPO) for p in LAZY_CONFIGS])
+def test_lazy_configs_follow_the_scheme_load_from_anywhere_and_are_plain_detectors(path, tmp_path, monkeypatch):
+    from detectron2.config import LazyConfig
+
+    name = os.path.basename(path)
+    assert LAZY_NAME.match(name), f"{name}: expected <backbone>_<arch>_<backbone details>_<schedule>_<data>.py"
+    monkeypatch.chdir(tmp_path)
+    cfg = LazyConfig.load(path)
+    assert {"model", "dataloader", "optimizer", "train", "lr_multiplier"} <= set(cfg)
+    assert not is_distill_meta_arch(getattr(cfg.model._target_, "__name__", str(cfg.model._target_)))
+    assert f"_{cfg.train.max_iter // 1000}k_" in name
+
+
 def test_coco_gk_config_is_the_documented_one():
     cfg = load_config(os.path.join(REPO, "configs", "gk_faster_rcnn_R_50_FPN_2x_coco.yaml"))
     assert cfg.MODEL.META_ARCHITECTURE == "DistillRCNN"

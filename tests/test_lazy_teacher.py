@@ -286,7 +286,7 @@ def test_a_model_zoo_lazyconfig_name_resolves_and_builds_a_frozen_two_stage_teac
 
 def test_the_shipped_vit_teacher_and_its_students(tmp_path):
     """configs/shapes/vitdet_*.py: ViT + SimpleFeaturePyramid, p2-p6 at the student's strides, RGB;
-    its GK / PKD / FitNet students build with it (random weights) and distil every stride."""
+    its GK / PKD / FitNet students build with it (random weights), distil every stride and train a step."""
     cfg = load_config(os.path.join(SHAPES, "pkd_faster_rcnn_R_18_half_FPN_1k_vitteacher_shapes.yaml"))
     assert cfg.DISTILL.TEACHER.CONFIG_FILE == VIT_TEACHER
     teacher, teacher_cfg, kind = build_teacher(cfg)
@@ -302,6 +302,13 @@ def test_the_shipped_vit_teacher_and_its_students(tmp_path):
         model = build_model(cfg)
         assert list(model.distill_heads) == [method] and model._flip_teacher_channels
         assert model.common_strides == [4, 8, 16, 32, 64]
+        model.train()
+        with EventStorage(0):  # one step at the shapes data's 128 px (GK's prototypes come at 250)
+            losses = model(random_batch(2, size=(128, 128), num_classes=6))
+        distill = {k: v for k, v in losses.items() if k.startswith(f"loss_distill_{method}")}
+        assert distill and all(torch.isfinite(v) for v in distill.values()), losses
+        sum(losses.values()).backward()
+        assert all(p.grad is None for p in model.teacher.parameters())
 
 
 def test_lazy_train_net_trains_two_iterations_resumes_and_evaluates(tmp_path):
@@ -338,3 +345,20 @@ def test_lazy_train_net_trains_two_iterations_resumes_and_evaluates(tmp_path):
         lazy_train_net.main(args)
     with pytest.raises(ValueError, match="not yacs-style KEY VALUE pairs"):
         lazy_train_net.load_lazy_config(config, ["train.max_iter", "3"])
+
+
+def test_a_lazyconfig_stage_trains_evaluates_and_is_reused_as_the_yacs_stages(tmp_path):
+    from d2kd.engine.experiment import stage_results
+    from d2kd.lazy_train_net import train_and_evaluate_lazy
+
+    config = write_tiny(tmp_path, num_classes=6, data=True)
+    stage = str(tmp_path / "teacher_seed0")
+    # with train.amp (bfloat16 autocast on CPU, d2kd's DistillAMPTrainer)
+    bbox = train_and_evaluate_lazy(config, stage, ["train.max_iter=1", "train.seed=0", "train.amp.enabled=True"])
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731 (NaN APs)
+    assert "AP" in bbox and same(stage_results(stage), bbox)
+    assert os.path.isfile(os.path.join(stage, "model_final.pth"))
+    assert os.path.isfile(os.path.join(stage, "train_time.json"))
+    before = os.path.getmtime(os.path.join(stage, "model_final.pth"))
+    assert same(train_and_evaluate_lazy(config, stage, ["train.max_iter=1"]), bbox)  # reused, not retrained
+    assert os.path.getmtime(os.path.join(stage, "model_final.pth")) == before
