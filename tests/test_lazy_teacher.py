@@ -109,12 +109,20 @@ lr_multiplier = L(WarmupParamScheduler)(scheduler=L(CosineParamScheduler)(start_
 # A 6-image COCO-format split of the built-in shapes data, registered by the config itself (so
 # that a tools/lazy_train_net.py process has it too), for training and evaluation.
 TINY_DATA = '''
-from detectron2.data import DatasetCatalog
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from d2kd.data.shapes import generate_shapes_split
 
-if "d2kd_lazy_tiny" not in DatasetCatalog.list():
-    register_coco_instances("d2kd_lazy_tiny", {{}}, generate_shapes_split("{root}", "tiny", 6, 0), "{root}/tiny")
+json_file = "{root}/tiny.json"
+if not os.path.isfile(json_file):
+    generate_shapes_split("{root}", "tiny", 6, 0)
+if MetadataCatalog.get("d2kd_lazy_tiny").get("json_file", None) != json_file:  # another test's
+    if "d2kd_lazy_tiny" in DatasetCatalog.list():
+        DatasetCatalog.remove("d2kd_lazy_tiny")
+        MetadataCatalog.remove("d2kd_lazy_tiny")
+    register_coco_instances("d2kd_lazy_tiny", {{}}, json_file, "{root}/tiny")
 '''
 
 
@@ -279,6 +287,13 @@ def test_a_model_zoo_lazyconfig_name_resolves_and_builds_a_frozen_two_stage_teac
     assert (teacher_cfg.INPUT.FORMAT, teacher_cfg.MODEL.META_ARCHITECTURE, kind.name) == ("BGR", "GeneralizedRCNN", "two_stage")
     assert teacher.roi_heads.num_classes == 6 and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
+    # detectron2's own ViTDet model (ViT-B + SimpleFeaturePyramid): square padding refused, then unpadded
+    cfg.DISTILL.TEACHER.CONFIG_FILE = "common/models/mask_rcnn_vitdet.py"
+    with pytest.raises(TeacherConfigError, match="1024 x 1024 square"):
+        build_teacher(cfg)
+    cfg.DISTILL.TEACHER.OPTS = ["model.roi_heads.num_classes=6", "model.backbone.square_pad=0"]
+    teacher, teacher_cfg, kind = build_teacher(cfg)
+    assert (type(teacher.backbone.net).__name__, teacher_cfg.INPUT.FORMAT, kind.name) == ("ViT", "RGB", "two_stage")
     cfg.DISTILL.TEACHER.CONFIG_FILE = "new_baselines/no_such_model.py"
     with pytest.raises(TeacherConfigError, match="neither an existing file nor a detectron2 model-zoo"):
         build_teacher_cfg(cfg)
