@@ -8,16 +8,14 @@ loading of ``DISTILL.TEACHER.WEIGHTS``, freezing, hiding, eval mode -- is the ya
 path (:mod:`d2kd.modeling.teacher`).
 """
 import inspect
-import logging
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
+import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import LazyConfig, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ..config import TeacherConfigError
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["LazyTeacherConfig", "is_lazy_config_file", "build_lazy_teacher_cfg", "build_lazy_teacher_model"]
 
@@ -52,7 +50,7 @@ class LazyTeacherConfig:
         self.INPUT.freeze()
 
     def dump(self) -> str:
-        """The LazyConfig as yaml (objects that are not plain values appear as their repr)."""
+        """The LazyConfig as yaml, for logs (callables and objects appear as yaml python tags)."""
         return OmegaConf.to_yaml(self.lazy)
 
     def __repr__(self):
@@ -201,15 +199,15 @@ def teacher_input_format(lazy: DictConfig, shown_name: str) -> str:
 
 def build_lazy_teacher_model(teacher_cfg: LazyTeacherConfig, shown_name: str = ""):
     """``instantiate(cfg.model)`` on the student's device (not yet loaded, not yet frozen)."""
-    import torch
-
     shown_name = shown_name or teacher_cfg.config_file
     try:
         model = instantiate(teacher_cfg.lazy.model)
     except Exception as e:
+        hint = (f". Install {e.name} (detectron2's ViT needs timm: pip install -r requirements.txt)"
+                if isinstance(e, ModuleNotFoundError) else "")
         raise TeacherConfigError(
             f"the model of the LazyConfig teacher '{shown_name}' could not be built: "
-            f"{type(e).__name__}: {e}"
+            f"{type(e).__name__}: {e}{hint}"
         ) from e
     check_padding(model, shown_name)
     return model.to(torch.device(teacher_cfg.MODEL.DEVICE))
@@ -219,7 +217,7 @@ def check_padding(model, shown_name: str) -> None:
     """A teacher whose backbone pads every image to a fixed square (ViTDet's ``square_pad``)
     would see other spatial sizes than the student: its features would not pair cell by cell."""
     constraints = getattr(getattr(model, "backbone", None), "padding_constraints", None) or {}
-    square: Optional[int] = constraints.get("square_size", 0) if isinstance(constraints, dict) else 0
+    square = constraints.get("square_size", 0) if isinstance(constraints, dict) else 0
     if square:
         raise TeacherConfigError(
             f"the LazyConfig teacher '{shown_name}' pads every image to a {square} x {square} square "
