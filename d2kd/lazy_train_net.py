@@ -57,6 +57,7 @@ from .utils.logging import setup_d2kd_logger
 
 logger = logging.getLogger("d2kd")
 
+
 class ClipGradNormHook(HookBase):
     """Clips the gradients' global L2 norm after each backward (``train.clip_grad_norm``).
 
