@@ -377,3 +377,32 @@ def test_a_lazyconfig_stage_trains_evaluates_and_is_reused_as_the_yacs_stages(tm
     before = os.path.getmtime(os.path.join(stage, "model_final.pth"))
     assert same(train_and_evaluate_lazy(config, stage, ["train.max_iter=1"]), bbox)  # reused, not retrained
     assert os.path.getmtime(os.path.join(stage, "model_final.pth")) == before
+
+
+def test_gk_builds_prototypes_from_a_lazy_vit_teacher_and_trains(tmp_path):
+    """GK's prototype build (the teacher's backbone on the sampled images) and its three terms
+    with a ViT + SimpleFeaturePyramid teacher, through DistillTrainer, on a 6-image split."""
+    from d2kd.engine import DistillTrainer
+
+    cfg = distill_cfg(tmp_path, heads=["gk"], num_classes=6)
+    cfg.DISTILL.TEACHER.CONFIG_FILE = write_tiny(tmp_path, num_classes=6, data=True)
+    cfg.DISTILL.TEACHER.WEIGHTS = str(tmp_path / "lazy_teacher.pth")
+    save_lazy(cfg, cfg.DISTILL.TEACHER.WEIGHTS)  # loading the LazyConfig registers d2kd_lazy_tiny
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("d2kd_lazy_tiny",), ()
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER = 2, 0.001, 2
+    cfg.SOLVER.STEPS, cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.CHECKPOINT_PERIOD = (), 0, 100
+    cfg.DISTILL.GK.FEATURE_WEIGHT = 1e-6
+    cfg.DISTILL.PROTOTYPES.MAX_IMAGES, cfg.DISTILL.PROTOTYPES.MIN_SIZE = 4, 4
+    cfg.DISTILL.PROTOTYPES.NUM, cfg.DISTILL.PROTOTYPES.START_ITER, cfg.DISTILL.PROTOTYPES.PERIOD = 2, 1, 0
+    cfg.OUTPUT_DIR = str(tmp_path / "gk_out")
+    trainer = DistillTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    bank = trainer.model.prototype_bank
+    assert bank.num_builds.item() == 1 and any(bank.state_dict()[f"valid_s{s}"].any() for s in (4, 8, 16, 32, 64)
+                                               if f"valid_s{s}" in bank.state_dict())
+    losses = {k for k in trainer.storage.histories() if k.startswith("loss_distill_gk")}
+    assert {"loss_distill_gk_global", "loss_distill_gk_fg", "loss_distill_gk_bg", "loss_distill_gk_response"} <= losses
+    assert trainer.storage.history("loss_distill_gk_global").latest() > 0  # iteration 1, after the build
+    assert not trainer.model.teacher.training
