@@ -202,3 +202,32 @@ def test_a_two_rank_run_that_loses_a_rank_exits_non_zero_within_seconds(tmp_path
     assert ended - float(killed_at.read_text()) < 20, log[-2000:]
     assert "Starting training from iteration 0" in log
     assert not os.path.exists(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+
+
+def test_a_stages_seed_seeds_every_rng_before_the_trainer_is_built(tmp_path, monkeypatch):
+    """The stage runner seeds torch, numpy and random from SEED as train_net.py does
+    (detectron2's default_setup), before the model and data loader draw anything: the same
+    seed gives the same draws, another seed others, SEED -1 a random one."""
+    import random
+
+    import numpy as np
+
+    from d2kd.engine import experiment
+
+    class _Built(Exception):
+        pass
+
+    draws = []
+
+    class RecordingTrainer:
+        def __init__(self, cfg):
+            draws.append((torch.rand(3).tolist(), np.random.rand(), random.random()))
+            raise _Built
+
+    monkeypatch.setattr(experiment, "DistillTrainer", RecordingTrainer)
+    config_file = write_yaml(training_cfg(tmp_path), tmp_path / "stage.yaml")
+    for i, seed in enumerate([3, 3, 4, -1]):
+        with pytest.raises(_Built):
+            experiment.train_and_evaluate(config_file, str(tmp_path / f"stage{i}"), ["SEED", str(seed)])
+    assert draws[0] == draws[1]
+    assert draws[2] != draws[0] and draws[3] != draws[0]

@@ -12,6 +12,7 @@ from multiprocessing import get_context
 from typing import Dict, List, Sequence, Tuple
 
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 
 from ..config import load_config
 from ..utils.atomic import atomic_write
@@ -57,6 +58,9 @@ def train_and_evaluate(config_file: str, output_dir: str, opts: Sequence[str] = 
     cfg.freeze()
     with open(os.path.join(output_dir, "config.yaml"), "w") as f:
         f.write(cfg.dump())
+    # SEED as detectron2's default_setup reads it (train_net.py's path): every RNG, per rank, so a
+    # stage's "seed" is a reproducible run and not only a label (-1: a random seed)
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
     trainer = DistillTrainer(cfg)
     trainer.resume_or_load(resume=True)
     start, first_iter = time.perf_counter(), trainer.start_iter
