@@ -45,6 +45,12 @@ KD, beside the Faster R-CNN teacher's rows (named methods only)::
     python benchmarks/bench_shapes_seeds.py --seeds 0 1 2 --output-dir output/demo --methods \
         gk_cascade kd_cascade gk kd
 
+A ViTDet-style teacher (a LazyConfig: ViT + SimpleFeaturePyramid, 2000 iterations) distilling the
+same two-stage student with GK, PKD and FitNet, by stride (named methods only)::
+
+    python benchmarks/bench_shapes_seeds.py --seeds 0 1 2 --output-dir output/demo --methods \
+        gk_vit pkd_vit fitnet_vit gk pkd fitnet
+
 Each pair's teacher (seed 0) is trained once and shared, as a released teacher would be; a
 method whose teacher is another pair's (``gk_from_faster``) uses that pair's teacher, trained
 once under ``<output-dir>/<pair>/teacher_seed0``. The student alone and each distilled
@@ -160,6 +166,9 @@ PAIRS = {
           # the Cascade R-CNN teacher (the cascade_rcnn pair's) distilling the same student
           | {f"{m}_cascade": Method(_config(f"{m}_faster_rcnn_R_18_half_FPN_1k_cascadeteacher_shapes.yaml"),
                                     "cascade_rcnn") for m in ("gk", "kd")}
+          # the ViTDet-style teacher (the vitdet pair's), paired by stride
+          | {f"{m}_vit": Method(_config(f"{m}_faster_rcnn_R_18_half_FPN_1k_vitteacher_shapes.yaml"), "vitdet")
+             for m in ("gk", "pkd", "fitnet")}
           # the released weights literally (the shapes configs rescale the summed terms), and GK + FGD
           | {"mgd_authors": Method(_config("mgd_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"), "faster_rcnn",
                                    ("DISTILL.MGD.TWO_STAGE.WEIGHT", "5e-7")),
@@ -179,6 +188,10 @@ PAIRS = {
     # gk_cascade / kd_cascade; trained once under <output-dir>/cascade_rcnn_teacher
     "cascade_rcnn": Pair(_config("cascade_rcnn_R_18_FPN_1k_shapes.yaml"),
                          _config(SHAPES_PAIRS["faster_rcnn"][1]), {}, ()),
+    # a teacher only: the ViTDet-style LazyConfig (ViT 192 x 6 + SimpleFeaturePyramid, trained by
+    # d2kd's LazyConfig loop), for gk_vit / pkd_vit / fitnet_vit; under <output-dir>/vitdet_teacher
+    "vitdet": Pair(_config("vitdet_faster_rcnn_ViT_tiny_SFP_2k_shapes.py"),
+                   _config(SHAPES_PAIRS["faster_rcnn"][1]), {}, ()),
     # RetinaNet R-18 -> R-18 half width, levels p2-p6; gk_from_faster: the Faster R-CNN teacher.
     # rm_only / pfi_only / rm_pfi_logits: the RM + PFI ablation, run only when named
     "retinanet": _pair(
@@ -256,7 +269,11 @@ def main():
         for p in pairs
     }
     # the teachers first (beside the first students): every distilled student needs one
-    first = [("teacher", PAIRS[p].teacher, teacher_dirs[p], ["SEED", "0"]) for p in teacher_pairs]
+    # a LazyConfig teacher (the ViTDet one) takes "key=value" overrides
+    def seed0(config):
+        return ["train.seed=0"] if config.endswith(".py") else ["SEED", "0"]
+
+    first = [("teacher", PAIRS[p].teacher, teacher_dirs[p], seed0(PAIRS[p].teacher)) for p in teacher_pairs]
     first += [students[p][0] for p in pairs]
     teachers = dict(zip(teacher_pairs, run_stages(first)))
     stages, keys = [], []

@@ -231,3 +231,16 @@ def test_a_stages_seed_seeds_every_rng_before_the_trainer_is_built(tmp_path, mon
             experiment.train_and_evaluate(config_file, str(tmp_path / f"stage{i}"), ["SEED", str(seed)])
     assert draws[0] == draws[1]
     assert draws[2] != draws[0] and draws[3] != draws[0]
+
+
+def test_a_lazyconfig_stage_goes_to_the_lazyconfig_loop(tmp_path, monkeypatch):
+    """A .py stage (the ViTDet teacher of bench_shapes_seeds) is trained by d2kd's LazyConfig
+    loop with its "key=value" overrides, under the same contract."""
+    from d2kd import lazy_train_net
+    from d2kd.engine import experiment
+
+    calls = []
+    monkeypatch.setattr(lazy_train_net, "train_and_evaluate_lazy",
+                        lambda config, out, overrides=(): calls.append((config, out, list(overrides))) or {"AP": 1.0})
+    assert experiment.train_and_evaluate("teacher.py", str(tmp_path), ["train.seed=0"]) == {"AP": 1.0}
+    assert calls == [("teacher.py", str(tmp_path), ["train.seed=0"])]

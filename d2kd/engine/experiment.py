@@ -47,8 +47,14 @@ def train_and_evaluate(config_file: str, output_dir: str, opts: Sequence[str] = 
     """Train ``config_file`` into ``output_dir`` and evaluate it; return the bbox metrics.
 
     Finished stages (``final_results.json`` present) are returned without work; an
-    interrupted one resumes from its last checkpoint (training) or re-runs evaluation.
+    interrupted one resumes from its last checkpoint (training) or re-runs evaluation. A
+    ``.py`` LazyConfig is trained by ``d2kd.lazy_train_net.train_and_evaluate_lazy`` (the same
+    contract; ``opts`` are then "key=value" overrides).
     """
+    if config_file.endswith(".py"):  # a LazyConfig (e.g. a ViTDet teacher): detectron2's LazyConfig loop
+        from ..lazy_train_net import train_and_evaluate_lazy  # here: that module imports this one
+
+        return train_and_evaluate_lazy(config_file, output_dir, opts)
     done = stage_results(output_dir)
     if done is not None:
         logger.info(f"Reusing finished stage {output_dir}")
