@@ -8,8 +8,10 @@ under 30 s of it is reported as not run, which fails the check):
 
 1. ``cuda-tests``: the tests that skip without CUDA (fp16 + GradScaler AMP training,
    PGM on CUDA against the CPU); a skip counts as a failure here.
-2. ``amp-gk``, ``amp-kd``, ``amp-ld``, ``amp-gk-online``: 100 iterations of GK and KD (Faster
-   R-CNN), LD (GFL) and GK with ``DISTILL.PROTOTYPES.SOURCE online`` on the built-in data with ``SOLVER.AMP.ENABLED True`` (float16, GradScaler) on the GPU;
+2. ``amp-gk``, ``amp-kd``, ``amp-ld``, ``amp-crosskd``, ``amp-gk-online``: 100 iterations of GK and
+   KD (Faster R-CNN), LD and CrossKD (GFL: the cross head runs the teacher's layers with
+   gradients) and GK with ``DISTILL.PROTOTYPES.SOURCE online`` on the built-in data with
+   ``SOLVER.AMP.ENABLED True`` (float16, GradScaler) on the GPU;
    every logged loss must be finite. Teachers: ``make demo``'s trained ones when
    ``output/demo`` holds them, else random weights (said in the summary) with GK's feature
    weight lowered as the tests do (a random teacher's features are large).
@@ -94,7 +96,9 @@ def plan(out: str, python: str, dry_run: bool) -> List[Step]:
                                  "tests/test_prototype_selection.py::test_cuda_matches_cpu"], 120, _no_skips)]
     runs = [("gk", "gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml", "faster_rcnn_R_18_FPN_1k_shapes.yaml", "teacher_seed0"),
             ("kd", "kd_faster_rcnn_R_18_half_FPN_1k_shapes.yaml", "faster_rcnn_R_18_FPN_1k_shapes.yaml", "teacher_seed0"),
-            ("ld", "ld_gfl_R_18_half_FPN_1k_shapes.yaml", "gfl_R_18_FPN_2k_shapes.yaml", "gfl_teacher_seed0")]
+            ("ld", "ld_gfl_R_18_half_FPN_1k_shapes.yaml", "gfl_R_18_FPN_2k_shapes.yaml", "gfl_teacher_seed0"),
+            # the cross head runs the teacher's layers with gradients, in the student's precision
+            ("crosskd", "crosskd_gfl_R_18_half_FPN_1k_shapes.yaml", "gfl_R_18_FPN_2k_shapes.yaml", "gfl_teacher_seed0")]
     runs.append(("gk-online", "gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml", "faster_rcnn_R_18_FPN_1k_shapes.yaml",
                  "teacher_seed0"))
     for head, config, teacher_config, teacher_dir in runs:

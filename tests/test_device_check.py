@@ -20,7 +20,7 @@ def _run(*args, env=None):
 def test_dry_run_prints_every_step_and_runs_nothing(tmp_path):
     proc = _run("--dry-run", "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
-    for name in ("cuda-tests", "amp-gk", "amp-kd", "amp-ld", "amp-gk-online", "step-time", "pgm",
+    for name in ("cuda-tests", "amp-gk", "amp-kd", "amp-ld", "amp-crosskd", "amp-gk-online", "step-time", "pgm",
                  "refresh-coco", "inference"):
         assert f"  {name} (limit" in proc.stdout, name
     assert "bench_step_time.py --device cuda" in proc.stdout
