@@ -4,6 +4,8 @@ Each distillation head owns its own node (``cfg.DISTILL.<NAME>``, added by the h
 ``add_config`` in its own file); ``add_distill_config`` collects the nodes of every head
 registered when it runs, so a new method touches its head file, its configs and its tests only.
 """
+import copy
+
 from detectron2.config import CfgNode as CN
 
 
@@ -33,6 +35,9 @@ def add_distill_config(cfg):
     # -1 the cascade's own inference score (the mean of its stages' probabilities, as logits
     # log p), or k for stage k's logits (d2kd/modeling/box_head_on.py). Ignored otherwise.
     _C.DISTILL.TEACHER.CASCADE_STAGE = -1
+    # More teachers, by name: DISTILL.TEACHERS.<NAME> with the keys of DISTILL.TEACHER (a yaml adds
+    # the node; load_config fills the keys it omits). A head reads the one its node's TEACHER names.
+    _C.DISTILL.TEACHERS = CN(new_allowed=True)
 
     # Names of registered distillation heads to enable (any number; see DISTILL_HEAD_REGISTRY).
     _C.DISTILL.HEADS = []
@@ -170,9 +175,10 @@ def resolve_teacher_config_file(name: str, relative_to: str = "") -> str:
         ) from None
 
 
-def _teacher_config_writer(filename: str):
-    """The ``DISTILL.TEACHER.CONFIG_FILE`` value that wins in ``filename`` and its ``_BASE_``
-    chain, with the directory of the yaml that wrote it: ``(value, directory)``, or None.
+def _teacher_config_writer(filename: str, path=("TEACHER",)):
+    """The ``DISTILL.TEACHER.CONFIG_FILE`` value (``path`` ("TEACHERS", name) for a named
+    teacher's) that wins in ``filename`` and its ``_BASE_`` chain, with the directory of the
+    yaml that wrote it: ``(value, directory)``, or None.
 
     Follows fvcore's ``load_yaml_with_base``: a file's own keys override its bases', a list of
     bases is merged in order (a later base overrides an earlier one), and a relative
@@ -190,7 +196,9 @@ def _teacher_config_writer(filename: str):
             f.seek(0)
             data = yaml.unsafe_load(f)
     data = data or {}
-    teacher = (data.get("DISTILL") or {}).get("TEACHER") or {}
+    teacher = data.get("DISTILL") or {}
+    for part in path:
+        teacher = (teacher.get(part) if isinstance(teacher, dict) else None) or {}
     if "CONFIG_FILE" in teacher:
         return teacher["CONFIG_FILE"], os.path.dirname(os.path.abspath(filename))
     bases = data.get("_BASE_", [])
@@ -198,7 +206,7 @@ def _teacher_config_writer(filename: str):
         base = os.path.expanduser(base)
         if not base.startswith(("/", "https://", "http://")):
             base = os.path.join(os.path.dirname(filename), base)
-        found = _teacher_config_writer(base)
+        found = _teacher_config_writer(base, path)
         if found is not None:
             return found
     return None
@@ -221,12 +229,76 @@ def load_config(config_file: str, opts=()):
     cfg = get_cfg()
     add_distill_config(cfg)
     cfg.merge_from_file(config_file)
-    teacher = cfg.DISTILL.TEACHER.CONFIG_FILE
-    if teacher and not os.path.isabs(teacher):
-        writer = _teacher_config_writer(config_file)
-        if writer is not None and writer[0] == teacher:
-            beside = os.path.join(writer[1], teacher)
-            if os.path.isfile(beside):
-                cfg.DISTILL.TEACHER.CONFIG_FILE = resolve_teacher_config_file(beside)
+    complete_teacher_nodes(cfg)
+    nodes = [(("TEACHER",), cfg.DISTILL.TEACHER)]
+    nodes += [(("TEACHERS", name), node) for name, node in cfg.DISTILL.TEACHERS.items()]
+    for path, node in nodes:
+        teacher = node.CONFIG_FILE
+        if teacher and not os.path.isabs(teacher):
+            writer = _teacher_config_writer(config_file, path)
+            if writer is not None and writer[0] == teacher:
+                beside = os.path.join(writer[1], teacher)
+                if os.path.isfile(beside):
+                    node.CONFIG_FILE = resolve_teacher_config_file(beside)
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+# The name heads use for DISTILL.TEACHER in their TEACHER key ("" means it too).
+DEFAULT_TEACHER = "DEFAULT"
+
+
+def teacher_key(name: str) -> str:
+    """The config node of a teacher: "DISTILL.TEACHER" for the default one, else
+    "DISTILL.TEACHERS.<name>"."""
+    return "DISTILL.TEACHER" if name == DEFAULT_TEACHER else f"DISTILL.TEACHERS.{name}"
+
+
+def complete_teacher_nodes(cfg) -> None:
+    """Give every ``DISTILL.TEACHERS.<NAME>`` node the keys of ``DISTILL.TEACHER`` it omits (their
+    defaults), in place, so that ``merge_from_list`` can set them; a key ``DISTILL.TEACHER`` does
+    not have, or a node that is not a mapping, is an error naming it."""
+    for name, node in cfg.DISTILL.TEACHERS.items():
+        _complete_teacher_node(name, node)
+
+
+def _teacher_defaults():
+    from detectron2.config import get_cfg
+
+    return add_distill_config(get_cfg()).DISTILL.TEACHER
+
+
+def _complete_teacher_node(name: str, node) -> None:
+    key = f"DISTILL.TEACHERS.{name}"
+    defaults = _teacher_defaults()
+    if name.upper() == DEFAULT_TEACHER:
+        raise TeacherConfigError(f"{key}: the name {DEFAULT_TEACHER} is DISTILL.TEACHER's; name the teacher otherwise")
+    if not isinstance(node, CN):
+        raise TeacherConfigError(
+            f"{key} = {node!r} is not a teacher node: give it the keys of DISTILL.TEACHER "
+            f"({', '.join(defaults)}), e.g. {key}.CONFIG_FILE and {key}.WEIGHTS"
+        )
+    unknown = sorted(set(node) - set(defaults))
+    if unknown:
+        raise TeacherConfigError(
+            f"{key} has key(s) {', '.join(unknown)} that a teacher does not have; its keys are "
+            f"those of DISTILL.TEACHER: {', '.join(defaults)}"
+        )
+    for k, v in defaults.items():
+        if k not in node:
+            node[k] = copy.deepcopy(v)
+
+
+def teacher_nodes(cfg):
+    """Teacher name -> its config node: ``DEFAULT_TEACHER`` (``DISTILL.TEACHER``) first, then
+    ``DISTILL.TEACHERS`` in name order; a named node's omitted keys read as their defaults
+    (the config itself is not changed)."""
+    nodes = {DEFAULT_TEACHER: cfg.DISTILL.TEACHER}
+    for name in sorted(cfg.DISTILL.get("TEACHERS") or {}):
+        node = cfg.DISTILL.TEACHERS[name]
+        if isinstance(node, CN):
+            node = node.clone()
+            node.defrost()
+        _complete_teacher_node(name, node)
+        nodes[name] = node
+    return nodes
