@@ -17,7 +17,7 @@ TRUSTED_PICKLE_PREFIXES = (
 )
 ALLOW_PICKLE_KEY = "DISTILL.TEACHER.ALLOW_PICKLE"
 # State of a d2kd training checkpoint that no plain detector has.
-DISTILL_STATE_PREFIXES = ("distill_heads.", "prototype_bank.")
+DISTILL_STATE_PREFIXES = ("distill_heads.", "prototype_bank.", "extra_prototype_banks.")
 
 
 class CheckpointReadError(RuntimeError):

@@ -16,6 +16,7 @@ from detectron2.utils.logger import log_every_n_seconds
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from ..config import DEFAULT_TEACHER
 from ..data.epochs import epochs_to_iterations, iterations_per_epoch, training_dataset
 from ..structures import by_stride
 from ..prototypes.instance_features import instance_features
@@ -54,8 +55,8 @@ def _progress(done: int, total: int, start: float, what: str, unit: str = "image
 @torch.no_grad()
 def collect_instance_features(model, batches: Iterable[List[dict]], min_size: float,
                               teacher_cache: TeacherFeatureCache = None,
-                              total_images: int = 0, timings: Optional[Dict[str, float]] = None
-                              ) -> InstanceFeatureSets:
+                              total_images: int = 0, timings: Optional[Dict[str, float]] = None,
+                              teacher: str = DEFAULT_TEACHER) -> InstanceFeatureSets:
     """Student and teacher instance features of every GT box wider and higher than
     ``min_size`` original-image pixels, at every stride of ``model.prototype_bank``, grouped
     by stride and class, on the CPU.
@@ -74,9 +75,11 @@ def collect_instance_features(model, batches: Iterable[List[dict]], min_size: fl
     student's and the teacher's forward ("student", "teacher") and pooling ("pooling").
 
     The model is switched to eval mode meanwhile (the student's BatchNorm statistics must not
-    move) and restored afterwards.
+    move) and restored afterwards. ``teacher``: whose bank and features (a name of
+    ``DISTILL.TEACHERS``; by default ``DISTILL.TEACHER``'s).
     """
-    bank = model.prototype_bank
+    bank = model.prototype_banks()[teacher] if hasattr(model, "prototype_banks") else model.prototype_bank
+    teacher_model = model.teacher_slots()[teacher].module if hasattr(model, "teacher_slots") else model.teacher
     was_training = model.training
     model.eval()
     found: Dict[int, Dict[int, List[Tuple[Tensor, ...]]]] = defaultdict(lambda: defaultdict(list))
@@ -94,7 +97,9 @@ def collect_instance_features(model, batches: Iterable[List[dict]], min_size: fl
             clock.lap("student")
             keys = [x.get("d2kd_index", -1) for x in batch]
             cached = teacher_cache is not None and all(k >= 0 and k in teacher_cache for k in keys)
-            teacher = None if cached else by_stride(model.teacher.backbone, model.teacher_backbone(batch))
+            t_feats = None if cached else by_stride(
+                teacher_model.backbone,
+                model.teacher_backbone(batch) if teacher == DEFAULT_TEACHER else model.teacher_backbone(batch, teacher))
             clock.lap("teacher")
             boxes, classes, index, sources = [], [], [], []
             for i, x in enumerate(batch):
@@ -123,7 +128,7 @@ def collect_instance_features(model, batches: Iterable[List[dict]], min_size: fl
                 if cached:
                     f_t = torch.cat([teacher_cache[k][s] for k in keys])
                 else:
-                    f_t = instance_features(teacher[s], boxes, index, s).float().cpu()
+                    f_t = instance_features(t_feats[s], boxes, index, s).float().cpu()
                     if teacher_cache is not None:
                         for k, part in zip(keys, torch.split(f_t, counts)):
                             if k >= 0:
@@ -516,8 +521,9 @@ class PrototypeRefreshHook(HookBase):
         self.min_size = node.MIN_SIZE
         self.alpha = node.ALPHA
         self.cache_bytes = int(node.CACHE_BYTES)
-        self._teacher_cache: TeacherFeatureCache = {}
-        self._teacher_cache_key = None
+        # per teacher (each prototype bank is one teacher's): its kept features and their key
+        self._teacher_caches: Dict[str, TeacherFeatureCache] = {}
+        self._teacher_cache_keys: Dict[str, tuple] = {}
         # mapped (read, resized) images kept across builds, up to IMAGE_CACHE_BYTES
         self._mapped: Dict[int, dict] = {}
         self._mapped_bytes = 0
@@ -534,10 +540,17 @@ class PrototypeRefreshHook(HookBase):
         model = self.trainer.model
         return model.module if isinstance(model, DistributedDataParallel) else model
 
+    def _banks(self):
+        """Teacher name -> its pair's prototype bank (one per teacher a prototype head reads)."""
+        model = self._model()
+        if hasattr(model, "prototype_banks"):
+            return model.prototype_banks()
+        return {DEFAULT_TEACHER: model.prototype_bank}
+
     def is_due(self, iteration: int) -> bool:
         if iteration < self.start_iter:
             return False
-        if not self._model().prototype_bank.is_built:
+        if not all(bank.is_built for bank in self._banks().values()):
             return True
         return self.period > 0 and (iteration - self.start_iter) % self.period == 0 and iteration > self.start_iter
 
@@ -579,23 +592,49 @@ class PrototypeRefreshHook(HookBase):
                 for j, classes in mine[i: i + self.batch_size]
             ]
 
-    def _image_features(self, model) -> InstanceFeatureSets:
+    def _image_features(self, model, teacher: str = DEFAULT_TEACHER) -> InstanceFeatureSets:
         """The paper's refresh: this rank extracts its share of :meth:`images`; gathered."""
-        bank = model.prototype_bank
+        bank = self._banks()[teacher]
         mine = self.images()[comm.get_rank():: comm.get_world_size()]
         key = (tuple(j for j, _ in mine), self.batch_size, tuple(bank.strides))
-        if key != self._teacher_cache_key:  # other images or batches: the kept features are void
-            self._teacher_cache, self._teacher_cache_key = {}, key
+        if key != self._teacher_cache_keys.get(teacher):  # other images or batches: the kept features are void
+            self._teacher_caches[teacher], self._teacher_cache_keys[teacher] = {}, key
+        extra = {} if teacher == DEFAULT_TEACHER else {"teacher": teacher}
         local = collect_instance_features(model, self._batches(mine), self.min_size,
-                                          teacher_cache=self._teacher_cache, total_images=len(mine),
-                                          timings=self.timings)
+                                          teacher_cache=self._teacher_caches[teacher], total_images=len(mine),
+                                          timings=self.timings, **extra)
         return merge_feature_sets(comm.all_gather(local))
 
+    @property
+    def _teacher_cache(self) -> TeacherFeatureCache:
+        """The default teacher's kept instance features (and below, their key)."""
+        return self._teacher_caches.setdefault(DEFAULT_TEACHER, {})
+
+    @_teacher_cache.setter
+    def _teacher_cache(self, value: TeacherFeatureCache) -> None:
+        self._teacher_caches[DEFAULT_TEACHER] = value
+
+    @property
+    def _teacher_cache_key(self):
+        return self._teacher_cache_keys.get(DEFAULT_TEACHER)
+
+    @_teacher_cache_key.setter
+    def _teacher_cache_key(self, value) -> None:
+        self._teacher_cache_keys[DEFAULT_TEACHER] = value
+
     def refresh(self, iteration: int) -> None:
+        """Build every prototype bank (one per teacher a prototype head reads)."""
+        for teacher in self._banks():
+            self._refresh_bank(iteration, teacher)
+
+    def _refresh_bank(self, iteration: int, teacher: str) -> None:
         start = time.perf_counter()
         self.timings = {}
         model = self._model()
-        bank = model.prototype_bank
+        bank = self._banks()[teacher]
+        # a named teacher's build says whose it is; its scalars carry the name
+        whose = "" if teacher == DEFAULT_TEACHER else f" (teacher DISTILL.TEACHERS.{teacher})"
+        suffix = "" if teacher == DEFAULT_TEACHER else f"_{teacher}"
         if bank.rebuild_reason:
             logger.warning(f"Rebuilding the prototype bank at iteration {iteration}: {bank.rebuild_reason}")
         store = bank.store
@@ -612,8 +651,9 @@ class PrototypeRefreshHook(HookBase):
                 logger.info(f"Prototype build at iteration {iteration}: the online store is empty (no "
                             "distillation step has filled it yet), so this build extracts features from "
                             "the image subset, as DISTILL.PROTOTYPES.SOURCE 'images' does")
-            merged = self._image_features(model)
+            merged = self._image_features(model, teacher)
             what = f"{len(self.images())} images"
+        what += whose
         selection = time.perf_counter()
         rebuild_bank(bank, merged, self.alpha, device=model.device, iteration=iteration,
                      class_names=self._class_names, cache_bytes=self.cache_bytes,
@@ -627,7 +667,7 @@ class PrototypeRefreshHook(HookBase):
             logger.warning(w)
         counts = torch.stack([bank.prototypes_per_class(s) for s in bank.strides]).float()
         storage = get_event_storage()
-        storage.put_scalar("distill/prototype_refresh_time", elapsed, smoothing_hint=False)
-        storage.put_scalar("distill/prototypes_per_class", counts.mean().item(), smoothing_hint=False)
+        storage.put_scalar(f"distill/prototype_refresh_time{suffix}", elapsed, smoothing_hint=False)
+        storage.put_scalar(f"distill/prototypes_per_class{suffix}", counts.mean().item(), smoothing_hint=False)
         if store is not None:
-            storage.put_scalar("distill/prototype_store_instances", len(store), smoothing_hint=False)
+            storage.put_scalar(f"distill/prototype_store_instances{suffix}", len(store), smoothing_hint=False)

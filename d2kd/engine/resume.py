@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import Dict, List, Optional
 
 from ..checkpoint import AtomicDetectionCheckpointer
+from ..config import DEFAULT_TEACHER
 from ..value_checks import distill_nodes
 
 logger = logging.getLogger(__name__)
@@ -77,17 +78,28 @@ def setup_record(model, cfg) -> dict:
                 values[f"{path}.{name}"] = _plain(value)
     teacher = None
     if distill and getattr(model, "teacher_weights_file", None):
-        try:
-            sha = file_sha256(model.teacher_weights_file)
-        except OSError:  # e.g. a download cache cleaned since the teacher was loaded: unknown
-            sha = ""
-        teacher = {"weights": cfg.DISTILL.TEACHER.WEIGHTS, "sha256": sha}
-    return {
+        teacher = {"weights": cfg.DISTILL.TEACHER.WEIGHTS, "sha256": _sha_or_unknown(model.teacher_weights_file)}
+    record = {
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
         "heads": sorted(model.distill_heads) if distill else [],
         "values": values,
         "teacher": teacher,
     }
+    # DISTILL.TEACHERS: each named teacher as "teacher" records the default one (a single-teacher
+    # run's record has no such entry, as before)
+    slots = model.teacher_slots() if distill and hasattr(model, "teacher_slots") else {}
+    named = {name: {"weights": cfg.DISTILL.TEACHERS[name].WEIGHTS, "sha256": _sha_or_unknown(slot.weights_file)}
+             for name, slot in slots.items() if name in cfg.DISTILL.get("TEACHERS", {}) and slot.weights_file}
+    if named:
+        record["teachers"] = named
+    return record
+
+
+def _sha_or_unknown(path: str) -> str:
+    try:
+        return file_sha256(path)
+    except OSError:  # e.g. a download cache cleaned since the teacher was loaded: unknown
+        return ""
 
 
 def _heads_state(state: Dict) -> Dict[str, tuple]:
@@ -123,6 +135,9 @@ def setup_changes(saved: Optional[dict], saved_state: Dict, current: dict, model
                     changes.append(f"{key}: {_shown(key, value)} in the checkpoint, {_shown(key, now)} now")
             if teacher_change(saved, current):
                 changes.append("DISTILL.TEACHER.WEIGHTS: another teacher (its channels shape the adapters)")
+            for name in sorted(current.get("teachers") or {}):
+                if teacher_change(saved, current, name):
+                    changes.append(f"DISTILL.TEACHERS.{name}.WEIGHTS: another teacher (its channels shape the adapters)")
         absent = sorted(set(old) - set(new))
         added = sorted(set(new) - set(old))
         reshaped = sorted(k for k in set(old) & set(new) if old[k] != new[k])
@@ -140,12 +155,19 @@ def value_changes(saved: Optional[dict], current: dict) -> List[str]:
             if k in current["values"] and current["values"][k] != v]
 
 
-def teacher_change(saved: Optional[dict], current: dict) -> str:
-    """The warning for a checkpoint trained with another teacher ("" if the same or unknown)."""
-    old, new = (saved or {}).get("teacher"), current.get("teacher")
+def teacher_change(saved: Optional[dict], current: dict, name: str = "") -> str:
+    """The warning for a checkpoint trained with another teacher ("" if the same or unknown);
+    ``name``: that of a named teacher (DISTILL.TEACHERS) instead of the default one."""
+    if name:
+        old = ((saved or {}).get("teachers") or {}).get(name)
+        new = (current.get("teachers") or {}).get(name)
+    else:
+        old, new = (saved or {}).get("teacher"), current.get("teacher")
     if not old or not new or not old.get("sha256") or not new.get("sha256") or old["sha256"] == new["sha256"]:
         return ""
-    return (f"THE TEACHER CHANGED SINCE THIS CHECKPOINT: it was trained with DISTILL.TEACHER.WEIGHTS = "
+    key = f"DISTILL.TEACHERS.{name}" if name else "DISTILL.TEACHER"
+    which = f"THE TEACHER {key}" if name else "THE TEACHER"
+    return (f"{which} CHANGED SINCE THIS CHECKPOINT: it was trained with {key}.WEIGHTS = "
             f"'{old['weights']}' (sha256 {old['sha256'][:12]}), this run's teacher is '{new['weights']}' "
             f"(sha256 {new['sha256'][:12]}), another file content. Training goes on with the new teacher")
 
@@ -191,9 +213,13 @@ class DistillCheckpointer(AtomicDetectionCheckpointer):
             logger.warning("Resuming with other distillation values than the checkpoint's run: "
                            + "; ".join(changed))
         incompatible = super()._load_model(checkpoint)
-        warning = teacher_change(saved, current)
-        if warning:
-            bank = getattr(self.model, "prototype_bank", None)
+        banks = self.model.prototype_banks() if hasattr(self.model, "prototype_banks") else {
+            DEFAULT_TEACHER: getattr(self.model, "prototype_bank", None)}
+        for name in [""] + sorted(current.get("teachers") or {}):
+            warning = teacher_change(saved, current, name)
+            if not warning:
+                continue
+            bank = banks.get(name or DEFAULT_TEACHER)
             if bank is not None and bank.is_built:
                 bank.clear("the checkpoint's prototypes were built with another teacher")
                 warning += "; the prototype bank, built with the old teacher, is rebuilt at the next step"

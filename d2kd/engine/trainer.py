@@ -201,7 +201,8 @@ class DistillTrainer(DefaultTrainer):
     def build_hooks(self):
         ret = super().build_hooks()
         model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
-        if getattr(model, "prototype_bank", None) is not None:
+        banks = model.prototype_banks() if hasattr(model, "prototype_banks") else {}
+        if banks or getattr(model, "prototype_bank", None) is not None:
             from .prototype_refresh import PrototypeRefreshHook
 
             # First, before the IterationTimer: a build runs in before_step ahead of the timer's

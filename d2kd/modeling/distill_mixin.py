@@ -14,7 +14,7 @@ no submodule returns, an overridden documented method such as ``label_anchors``)
 heads may read. The heads then get a :class:`DistillContext` that runs the teacher lazily.
 """
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -23,7 +23,8 @@ from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
-from ..heads.registry import build_distill_heads
+from ..config import DEFAULT_TEACHER, teacher_key, teacher_nodes
+from ..heads.registry import build_distill_heads, head_teacher
 from ..prototypes.bank import PrototypeBank
 from ..prototypes.online_store import record_step_instances
 from ..structures import DistillContext, shapes_by_stride
@@ -34,6 +35,7 @@ from .requirements import check_requirements, teacher_parts
 from .step_outputs import ModelStepOutputs
 from ..value_checks import check_distill_values
 from .teacher import TeacherConfigError, build_teacher, check_same_classes, load_teacher_weights
+from .teachers import TeacherBuild, TeacherSlot, heads_by_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -70,20 +72,40 @@ class DistillSetup:
     flip_teacher_channels: bool = False
     # DISTILL.TEACHER.CASCADE_STAGE: a Cascade R-CNN teacher's scores on given boxes
     cascade_stage: int = -1
+    # DISTILL.TEACHERS: name -> the named teacher (built, not loaded); empty with one teacher
+    extra_teachers: Dict[str, TeacherBuild] = field(default_factory=dict)
+    # head name -> the teacher it reads (DEFAULT_TEACHER where its node names none)
+    head_teachers: Dict[str, str] = field(default_factory=dict)
+
+
+def _check_formats(cfg, teacher_cfg, name: str) -> None:
+    formats = {cfg.INPUT.FORMAT, teacher_cfg.INPUT.FORMAT}
+    if len(formats) > 1 and not formats <= {"RGB", "BGR"}:
+        which = "teacher" if name == DEFAULT_TEACHER else f"teacher {teacher_key(name)}"
+        raise ValueError(
+            f"student INPUT.FORMAT {cfg.INPUT.FORMAT} and {which} INPUT.FORMAT "
+            f"{teacher_cfg.INPUT.FORMAT} differ in a way d2kd cannot convert (only RGB <-> BGR)"
+        )
 
 
 def build_distill_setup(cfg, student_backbone) -> DistillSetup:
     check_distill_values(cfg)  # every bad value at once, before the teacher is built
     teacher, teacher_cfg, teacher_kind = build_teacher(cfg)
-    heads = build_distill_heads(cfg, shapes_by_stride(student_backbone), shapes_by_stride(teacher.backbone))
+    _check_formats(cfg, teacher_cfg, DEFAULT_TEACHER)
+    extra = {}
+    for name, node in teacher_nodes(cfg).items():
+        if name == DEFAULT_TEACHER:
+            continue
+        module, t_cfg, kind = build_teacher(cfg, name)
+        _check_formats(cfg, t_cfg, name)
+        extra[name] = TeacherBuild(module, t_cfg, kind, node.WEIGHTS, node.ALLOW_PICKLE, node.CASCADE_STAGE,
+                                   cfg.INPUT.FORMAT != t_cfg.INPUT.FORMAT)
+    teachers_shapes = {DEFAULT_TEACHER: shapes_by_stride(teacher.backbone)}
+    teachers_shapes.update({name: shapes_by_stride(b.module.backbone) for name, b in extra.items()})
+    heads = build_distill_heads(cfg, shapes_by_stride(student_backbone), shapes_by_stride(teacher.backbone),
+                                teachers_shapes)
     if len(heads) == 0:
         logger.warning("DISTILL.HEADS is empty: nothing is distilled")
-    formats = {cfg.INPUT.FORMAT, teacher_cfg.INPUT.FORMAT}
-    if len(formats) > 1 and not formats <= {"RGB", "BGR"}:
-        raise ValueError(
-            f"student INPUT.FORMAT {cfg.INPUT.FORMAT} and teacher INPUT.FORMAT "
-            f"{teacher_cfg.INPUT.FORMAT} differ in a way d2kd cannot convert (only RGB <-> BGR)"
-        )
     return DistillSetup(
         teacher=teacher,
         teacher_cfg=teacher_cfg,
@@ -96,6 +118,8 @@ def build_distill_setup(cfg, student_backbone) -> DistillSetup:
         max_iter=cfg.SOLVER.MAX_ITER,
         flip_teacher_channels=cfg.INPUT.FORMAT != teacher_cfg.INPUT.FORMAT,
         cascade_stage=cfg.DISTILL.TEACHER.CASCADE_STAGE,
+        extra_teachers=extra,
+        head_teachers={name: head_teacher(cfg, name) for name in heads},
     )
 
 
@@ -142,35 +166,84 @@ class DistillMixin:
         self._distill_start_iter = setup.start_iter
         self._distill_max_iter = setup.max_iter
         self._flip_teacher_channels = setup.flip_teacher_channels
-        self.common_strides = sorted(
-            set(shapes_by_stride(self.backbone)) & set(shapes_by_stride(teacher.backbone))
-        )
-        check_same_classes(self, self.kind, teacher, self.teacher_kind)
-        check_requirements(self.distill_heads, self, self.kind, teacher, self.teacher_kind)
+        builds = {DEFAULT_TEACHER: TeacherBuild(teacher, setup.teacher_cfg, setup.teacher_kind, setup.teacher_weights,
+                                                setup.allow_pickle, setup.cascade_stage, setup.flip_teacher_channels)}
+        builds.update(setup.extra_teachers)
+        self.head_teachers = {h: setup.head_teachers.get(h, DEFAULT_TEACHER) for h in self.distill_heads}
+        for h, name in self.head_teachers.items():
+            if name not in builds:  # the build checks this too; a setup made by hand may not have
+                from ..heads.registry import unknown_teacher_message
+
+                raise TeacherConfigError(unknown_teacher_message(h, name, builds))
+        # a plain dict of plain objects: no teacher is a submodule (see _Hidden)
+        self._teachers: Dict[str, TeacherSlot] = {}
+        for name, b in builds.items():
+            heads = heads_by_teacher(self.head_teachers, self.distill_heads, name)
+            slot = TeacherSlot(name=name, module=b.module, cfg=b.cfg, kind=b.kind, cascade_stage=b.cascade_stage,
+                               flip_channels=b.flip_channels, heads=list(heads),
+                               requirements=frozenset().union(*[h.requires for h in heads.values()]))
+            slot.common_strides = sorted(set(shapes_by_stride(self.backbone)) & set(shapes_by_stride(b.module.backbone)))
+            self._teachers[name] = slot
+            check_same_classes(self, self.kind, b.module, b.kind, key=slot.key)
+            check_requirements(heads, self, self.kind, b.module, b.kind)
+            if name != DEFAULT_TEACHER and not heads:
+                logger.warning(f"{slot.key} is read by no enabled head (their TEACHER keys): it is "
+                               "loaded and checked, but never runs")
+        default = self._teachers[DEFAULT_TEACHER]
+        self.common_strides = default.common_strides
         self.requirements = frozenset().union(*[h.requires for h in self.distill_heads.values()])
         # dense-head tower layers the heads read (CrossKD): recorded during the forward passes
-        self.tower_layers = check_heads_tower_layers(self.distill_heads, self, self.kind, teacher, self.teacher_kind)
+        tower_layers = {}
+        for name, slot in self._teachers.items():
+            tower_layers[name] = check_heads_tower_layers(
+                heads_by_teacher(self.head_teachers, self.distill_heads, name), self, self.kind, slot.module, slot.kind)
+        self.tower_layers = frozenset().union(*tower_layers.values())
+        # GK's prototypes, per teacher-student pair: the default teacher's bank keeps its old
+        # name (prototype_bank.* in checkpoints), a named teacher's is extra_prototype_banks.<NAME>
         self.prototype_bank = None
-        if "prototypes" in self.requirements:
-            self.prototype_bank = PrototypeBank.from_config(
-                setup.prototype_cfg, shapes_by_stride(self.backbone),
-                shapes_by_stride(teacher.backbone), self.kind.num_classes(self),
-            )
-        # the local file the teacher was read from: its content identifies the teacher on resume
-        self.teacher_weights_file = load_teacher_weights(teacher, setup.teacher_weights,
-                                                         allow_pickle=setup.allow_pickle)
-        student_towers = teacher_towers = {}
+        self.extra_prototype_banks = nn.ModuleDict()
+        for name, slot in self._teachers.items():
+            if "prototypes" in slot.requirements:
+                bank = PrototypeBank.from_config(
+                    setup.prototype_cfg, shapes_by_stride(self.backbone),
+                    shapes_by_stride(slot.module.backbone), self.kind.num_classes(self),
+                )
+                if name == DEFAULT_TEACHER:
+                    self.prototype_bank = bank
+                else:
+                    self.extra_prototype_banks[name] = bank
+        for name, b in builds.items():
+            # the local file the teacher was read from: its content identifies the teacher on resume
+            self._teachers[name].weights_file = load_teacher_weights(
+                b.module, b.weights, allow_pickle=b.allow_pickle, key=self._teachers[name].key)
+        self.teacher_weights_file = default.weights_file
+        student_towers = {}
         if "student.head_tower" in self.requirements:
             student_towers = tower_record_paths(self, self.kind, self.tower_layers)
-        if "teacher.head_tower" in self.requirements:
-            teacher_towers = tower_record_paths(teacher, self.teacher_kind, self.tower_layers)
         self._recorder = Recorder(self, self.kind.recorded, appending=student_towers)
-        self.teacher_recorder = Recorder(teacher, self.teacher_kind.recorded, appending=teacher_towers)
-        teacher.to(self.device)
+        for name, slot in self._teachers.items():
+            teacher_towers = {}
+            if "teacher.head_tower" in slot.requirements:
+                teacher_towers = tower_record_paths(slot.module, slot.kind, tower_layers[name])
+            slot.recorder = Recorder(slot.module, slot.kind.recorded, appending=teacher_towers)
+            slot.module.to(self.device)
+        self.teacher_recorder = default.recorder
 
     @property
     def teacher(self) -> nn.Module:
+        """The default teacher (``DISTILL.TEACHER``); :meth:`teacher_slots` has them all."""
         return self._teacher.module
+
+    def teacher_slots(self) -> Dict[str, TeacherSlot]:
+        """Every teacher by name (``DEFAULT_TEACHER`` first), read or not."""
+        return self._teachers
+
+    def prototype_banks(self) -> Dict[str, PrototypeBank]:
+        """Teacher name -> the prototype bank of its pair with the student (only the teachers
+        that a prototype-reading head reads)."""
+        banks = {DEFAULT_TEACHER: self.prototype_bank} if self.prototype_bank is not None else {}
+        banks.update(self.extra_prototype_banks.items())
+        return banks
 
     def teacher_parts(self) -> List[str]:
         """The parts of the teacher the enabled heads run each step (for logs and benchmarks)."""
@@ -180,14 +253,15 @@ class DistillMixin:
     def train(self, mode: bool = True):
         super().train(mode)
         # SimpleTrainer calls model.train(); BatchNorm statistics of the teacher must not move.
-        self.teacher.eval()
+        for slot in self.__dict__.get("_teachers", {}).values():
+            slot.module.eval()
         return self
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .cuda() / .half() reach submodules through _apply; the teacher is not one.
         super()._apply(fn, *args, **kwargs)
-        if "_teacher" in self.__dict__:
-            self.teacher._apply(fn, *args, **kwargs)
+        for slot in self.__dict__.get("_teachers", {}).values():
+            slot.module._apply(fn, *args, **kwargs)
         return self
 
     # ---- recording the student's own forward ----
@@ -197,16 +271,14 @@ class DistillMixin:
         return images
 
     @torch.no_grad()
-    def teacher_images(self, batched_inputs: List[dict]) -> ImageList:
+    def teacher_images(self, batched_inputs: List[dict], name: str = DEFAULT_TEACHER) -> ImageList:
         """The teacher's own preprocessing of the raw batch (its pixel mean/std and format)."""
-        if self._flip_teacher_channels:
-            batched_inputs = [{"image": x["image"].flip(0)} for x in batched_inputs]
-        return self.teacher.preprocess_image(batched_inputs)
+        return self._teachers[name].images(batched_inputs)
 
     @torch.no_grad()
-    def teacher_backbone(self, batched_inputs: List[dict]) -> Dict[str, Tensor]:
+    def teacher_backbone(self, batched_inputs: List[dict], name: str = DEFAULT_TEACHER) -> Dict[str, Tensor]:
         """The teacher's FPN outputs, name-keyed (used by the prototype refresh)."""
-        return self.teacher.backbone(self.teacher_images(batched_inputs).tensor)
+        return self._teachers[name].module.backbone(self.teacher_images(batched_inputs, name).tensor)
 
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
         if not self.training:
@@ -221,21 +293,28 @@ class DistillMixin:
         with self._recorder.recording() as record:
             losses = super().forward(batched_inputs)
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        ctx = DistillContext(
-            ModelStepOutputs(self, batched_inputs, record, gt_instances),
-            gt_instances=gt_instances,
-            num_classes=self.kind.num_classes(self),
-            student_strides=list(shapes_by_stride(self.backbone)),
-            iteration=iteration,
-            max_iter=self._distill_max_iter,
-            prototype_bank=self.prototype_bank,
-        )
+        banks = self.prototype_banks()
+        # one context per teacher that a head reads, all on the student's one recorded forward;
+        # a teacher no head reads gets none and never runs
+        contexts = {}
+        for name, slot in self._teachers.items():
+            if slot.heads:
+                contexts[name] = DistillContext(
+                    ModelStepOutputs(self, batched_inputs, record, gt_instances, teacher=slot),
+                    gt_instances=gt_instances,
+                    num_classes=self.kind.num_classes(self),
+                    student_strides=list(shapes_by_stride(self.backbone)),
+                    iteration=iteration,
+                    max_iter=self._distill_max_iter,
+                    prototype_bank=banks.get(name),
+                )
         # Distillation losses in float32: autocast off for the heads (the teacher passes they
         # trigger re-enter the student's autocast state, see ModelStepOutputs).
         with torch.autocast(self.device.type, enabled=False):
-            losses.update(self.distill_losses(ctx))
-            if self.prototype_bank is not None and self.prototype_bank.store is not None:
-                record_step_instances(self.prototype_bank.store, ctx, batched_inputs)
+            losses.update(self.distill_losses(contexts))
+            for name, bank in banks.items():
+                if bank.store is not None:
+                    record_step_instances(bank.store, contexts[name], batched_inputs)
         return losses
 
     # ---- the distillation step ----
@@ -253,14 +332,17 @@ class DistillMixin:
             return {}
         return {"loss_distill_idle": sum(p.sum() for p in params) * 0.0}
 
-    def distill_losses(self, ctx: DistillContext) -> Dict[str, Tensor]:
+    def distill_losses(self, ctx) -> Dict[str, Tensor]:
+        """Every head's losses; ``ctx`` is one :class:`DistillContext` (every head reads it) or
+        teacher name -> context (each head reads its teacher's)."""
         losses = {}
         for name, head in self.distill_heads.items():
-            for key, value in head(ctx).items():
+            head_ctx = ctx if isinstance(ctx, DistillContext) else ctx[self.head_teachers[name]]
+            for key, value in head(head_ctx).items():
                 if not torch.isfinite(value).all():
                     raise FloatingPointError(
                         f"distillation loss {key} (head '{name}') is {value.detach().cpu()} at "
-                        f"iteration {ctx.iteration}; the other losses were finite"
+                        f"iteration {head_ctx.iteration}; the other losses were finite"
                     )
                 losses[key] = value
         return losses

@@ -29,6 +29,7 @@ from ..structures import (
     StepOutputs,
     by_stride,
 )
+from ..config import DEFAULT_TEACHER
 from .box_head_on import box_head_on
 from .head_tower import head_from, tower_key
 
@@ -66,16 +67,20 @@ class ModelStepOutputs(StepOutputs):
         batched_inputs (list[dict]): the raw batch.
         record (dict): what the student's recorder kept during its forward.
         gt_instances (list[Instances]): the batch's GT, on the student's device.
+        teacher (TeacherSlot): the teacher this context's side "teacher" is (default: the
+            model's default teacher); several instances may share the student's ``record``.
     """
 
-    def __init__(self, model, batched_inputs: List[dict], record: Dict[str, Any], gt_instances):
+    def __init__(self, model, batched_inputs: List[dict], record: Dict[str, Any], gt_instances, teacher=None):
         self.model = model
-        self.teacher = model.teacher
+        slot = teacher if teacher is not None else model.teacher_slots()[DEFAULT_TEACHER]
+        self.slot = slot
+        self.teacher = slot.module
         self.batched_inputs = batched_inputs
         self.record = record
         self.gt_instances = gt_instances
         self.device = model.device
-        self.common_strides = model.common_strides
+        self.common_strides = slot.common_strides
         self._teacher_named: Dict[str, Tensor] = {}
         self._teacher_images = None
         self._teacher_head = None  # (predictions, tower record) of the teacher's dense-head pass
@@ -104,7 +109,7 @@ class ModelStepOutputs(StepOutputs):
         if side == STUDENT:
             return self._recorded("images", "preprocessed images")
         if self._teacher_images is None:
-            self._teacher_images = self.model.teacher_images(self.batched_inputs)
+            self._teacher_images = self.slot.images(self.batched_inputs)
         return self._teacher_images
 
     def _teacher_features_named(self) -> Dict[str, Tensor]:
@@ -128,7 +133,7 @@ class ModelStepOutputs(StepOutputs):
         if self._teacher_head is None:
             teacher = self.teacher
             named = self._teacher_features_named()
-            with self._teacher_pass(), self.model.teacher_recorder.recording() as rec:
+            with self._teacher_pass(), self.slot.recorder.recording() as rec:
                 predictions = teacher.head([named[f] for f in teacher.head_in_features])
             towers = {k: v for k, v in rec.items() if k.startswith("tower.")}
             self._teacher_head = (predictions, towers)
@@ -141,7 +146,7 @@ class ModelStepOutputs(StepOutputs):
 
     def head_tower(self, side: str, layer: int) -> HeadTower:
         model = self.model if side == STUDENT else self.teacher
-        kind = self.model.kind if side == STUDENT else self.model.teacher_kind
+        kind = self.model.kind if side == STUDENT else self.slot.kind
         strides = [model.backbone.output_shape()[f].stride for f in model.head_in_features]
         if layer == 0:  # the head's input: the FPN features
             if side == STUDENT:
@@ -175,7 +180,7 @@ class ModelStepOutputs(StepOutputs):
         # no no_grad here: the teacher's parameters are frozen (requires_grad False), the graph
         # of the inputs is kept so that the loss reaches whatever produced them
         with torch.autocast(kind, dtype=dtype, enabled=enabled):
-            predictions = head_from(teacher, self.model.teacher_kind, tower.layer, inputs)
+            predictions = head_from(teacher, self.slot.kind, tower.layer, inputs)
         return dense_outputs(teacher, predictions)
 
     # ---- two-stage parts ----
@@ -186,7 +191,7 @@ class ModelStepOutputs(StepOutputs):
                 self.model, self._recorded("rpn.anchors", "RPN anchors"), self.record["rpn.head"], proposals
             )
         named = self._teacher_features_named()
-        with self._teacher_pass(), self.model.teacher_recorder.recording() as rec:
+        with self._teacher_pass(), self.slot.recorder.recording() as rec:
             proposals, _ = self.teacher.proposal_generator(self.images(TEACHER), named)
         return rpn_outputs(self.teacher, rec["rpn.anchors"], rec["rpn.head"], proposals)
 
@@ -223,7 +228,7 @@ class ModelStepOutputs(StepOutputs):
         named = self._teacher_features_named()
         image_sizes = self.images(TEACHER).image_sizes
         with self._teacher_pass():
-            return box_head_on(self.teacher.roi_heads, named, boxes, image_sizes, self.model.teacher_cascade_stage)
+            return box_head_on(self.teacher.roi_heads, named, boxes, image_sizes, self.slot.cascade_stage)
 
     # ---- anchors matched to GT ----
     def anchors(self) -> AnchorMatches:
