@@ -102,7 +102,8 @@ def is_trusted_pickle(path: str) -> bool:
     return str(path).startswith(TRUSTED_PICKLE_PREFIXES)
 
 
-def check_pickle_allowed(path: str, allow_pickle: bool, key: str = "the checkpoint") -> None:
+def check_pickle_allowed(path: str, allow_pickle: bool, key: str = "the checkpoint",
+                         allow_key: str = ALLOW_PICKLE_KEY) -> None:
     """Refuse to unpickle a ``.pkl`` from anywhere but detectron2's model zoo unless allowed."""
     plain = str(path).split("?")[0]
     if plain.endswith(".pkl") and not allow_pickle and not is_trusted_pickle(plain):
@@ -110,7 +111,7 @@ def check_pickle_allowed(path: str, allow_pickle: bool, key: str = "the checkpoi
             f"refusing to load {key} '{path}': a .pkl file is unpickled, and unpickling a file can "
             "run any code in it. d2kd unpickles only detectron2's model zoo (detectron2://, "
             "https://dl.fbaipublicfiles.com/detectron2/). Convert the file to a .pth of tensors "
-            f"(torch.save({{'model': state_dict}})), or, if you trust it, set {ALLOW_PICKLE_KEY} True"
+            f"(torch.save({{'model': state_dict}})), or, if you trust it, set {allow_key} True"
         )
 
 

@@ -138,6 +138,11 @@ def test_every_teacher_is_hidden_frozen_in_eval_and_strictly_loaded(tmp_path):
     cfg.DISTILL.TEACHERS.RETINA.WEIGHTS = str(tmp_path / "absent.pth")
     with pytest.raises(FileNotFoundError, match=r"DISTILL\.TEACHERS\.RETINA\.WEIGHTS"):
         build_model(cfg)
+    # a .pkl from outside the model zoo: the advice names this teacher's own ALLOW_PICKLE
+    cfg.DISTILL.TEACHERS.RETINA.WEIGHTS = str(tmp_path / "teacher.pkl")
+    with pytest.raises(TeacherConfigError, match=r"DISTILL\.TEACHERS\.RETINA\.WEIGHTS .*set "
+                                                 r"DISTILL\.TEACHERS\.RETINA\.ALLOW_PICKLE True"):
+        build_model(cfg)
 
 
 def test_a_named_teacher_with_other_classes_is_refused_naming_its_key(tmp_path):

@@ -133,7 +133,7 @@ def load_teacher_weights(teacher, weights: str, allow_pickle: bool = False, key:
             "checkpoint (a path, a URL or a detectron2:// URI)"
         )
     try:
-        check_pickle_allowed(weights, allow_pickle, key=f"{key}.WEIGHTS")
+        check_pickle_allowed(weights, allow_pickle, key=f"{key}.WEIGHTS", allow_key=f"{key}.ALLOW_PICKLE")
     except UntrustedPickleError as e:
         raise TeacherConfigError(str(e)) from None
     try:
