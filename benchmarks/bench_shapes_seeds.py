@@ -51,6 +51,12 @@ same two-stage student with GK, PKD and FitNet, by stride (named methods only)::
     python benchmarks/bench_shapes_seeds.py --seeds 0 1 2 --output-dir output/demo --methods \
         gk_vit pkd_vit fitnet_vit gk pkd fitnet
 
+Two teachers at once (GK from the Faster R-CNN teacher, PKD from the RetinaNet teacher) against
+each alone (named methods only)::
+
+    python benchmarks/bench_shapes_seeds.py --seeds 0 1 2 --output-dir output/demo --methods \
+        gk_pkd_retina pkd_retina gk
+
 Each pair's teacher (seed 0) is trained once and shared, as a released teacher would be; a
 method whose teacher is another pair's (``gk_from_faster``) uses that pair's teacher, trained
 once under ``<output-dir>/<pair>/teacher_seed0``. The student alone and each distilled
@@ -84,6 +90,8 @@ class Method(NamedTuple):
     config: str
     teacher_pair: str
     opts: Tuple[str, ...] = ()
+    # more teachers (DISTILL.TEACHERS.<NAME>): (name, the pair whose seed-0 teacher it is)
+    teachers: Tuple[Tuple[str, str], ...] = ()
 
 
 class Pair(NamedTuple):
@@ -162,7 +170,12 @@ PAIRS = {
                 # other toolboxes' feature methods (issue 18)
                 ("cwd", "cwd", ""), ("mgd", "mgd", ""), ("fgd", "fgd", ""), ("fbkd", "fbkd", ""),
             ]
-        } | {name: Method(GK, "faster_rcnn", opts) for name, opts in GK_VARIANTS.items()}
+        }
+          # two teachers: GK from the Faster R-CNN teacher, PKD from the RetinaNet one, and that PKD alone
+          | {"gk_pkd_retina": Method(_config("gk_faster_rcnn_R_18_half_FPN_1k_withpkdretina_shapes.yaml"), "faster_rcnn",
+                                     teachers=(("RETINA", "retinanet"),)),
+             "pkd_retina": Method(_config("gk_faster_rcnn_R_18_half_FPN_1k_withpkdretina_shapes.yaml"), "faster_rcnn",
+                                  ("DISTILL.HEADS", '["pkd"]'), teachers=(("RETINA", "retinanet"),))} | {name: Method(GK, "faster_rcnn", opts) for name, opts in GK_VARIANTS.items()}
           # the Cascade R-CNN teacher (the cascade_rcnn pair's) distilling the same student
           | {f"{m}_cascade": Method(_config(f"{m}_faster_rcnn_R_18_half_FPN_1k_cascadeteacher_shapes.yaml"),
                                     "cascade_rcnn") for m in ("gk", "kd")}
@@ -258,7 +271,8 @@ def main():
     out = args.output_dir
     # one pair alone keeps the flat layout (<out>/teacher_seed0, ...); a group nests per pair
     pair_dir = {p: out if len(pairs) == 1 else os.path.join(out, p) for p in PAIRS}
-    teacher_pairs = list(dict.fromkeys([*pairs, *(PAIRS[offered[m]].methods[m].teacher_pair for m in methods)]))
+    teacher_pairs = list(dict.fromkeys([*pairs, *(PAIRS[offered[m]].methods[m].teacher_pair for m in methods),
+                                        *(p for m in methods for _, p in PAIRS[offered[m]].methods[m].teachers)]))
     for p in teacher_pairs:
         if p not in pairs:  # another pair's teacher, kept apart from this pair's stages
             pair_dir[p] = os.path.join(out, f"{p}_teacher")
@@ -286,7 +300,9 @@ def main():
             method = PAIRS[p].methods[m]
             weights = os.path.join(teacher_dirs[method.teacher_pair], "model_final.pth")
             stages.append((m, method.config, os.path.join(pair_dir[p], f"{m}_seed{s}"),
-                           ["SEED", str(s), "DISTILL.TEACHER.WEIGHTS", weights, *method.opts]))
+                           ["SEED", str(s), "DISTILL.TEACHER.WEIGHTS", weights, *method.opts,
+                            *[x for name, tp in method.teachers for x in (
+                                f"DISTILL.TEACHERS.{name}.WEIGHTS", os.path.join(teacher_dirs[tp], "model_final.pth"))]]))
             keys.append((p, m))
     results = run_stages(stages)
     ap = {}

@@ -170,6 +170,8 @@ def test_every_benchmark_method_loads_with_its_options_and_names_its_teacher_pai
             teacher = bench.PAIRS[method.teacher_pair].teacher
             assert SHAPES_PAIRS.get(method.teacher_pair, (os.path.basename(teacher),))[0] == os.path.basename(teacher)
             assert cfg.DISTILL.TEACHER.CONFIG_FILE == teacher, name
+            for other, other_pair in method.teachers:  # DISTILL.TEACHERS.<NAME>: that pair's teacher
+                assert cfg.DISTILL.TEACHERS[other].CONFIG_FILE == bench.PAIRS[other_pair].teacher, name
     ablation = bench.PAIRS["retinanet"].methods
     assert load_config(ablation["rm_only"].config, ablation["rm_only"].opts).DISTILL.HEADS == ["rank_mimic"]
     logits = load_config(ablation["rm_pfi_logits"].config, ablation["rm_pfi_logits"].opts)
