@@ -20,7 +20,6 @@ What d2kd adds to detectron2's loop: checkpoints written atomically and loaded w
 generated before its evaluator reads it.
 """
 import copy
-import json
 import logging
 import os
 import time
@@ -49,10 +48,10 @@ from .checkpoint import AtomicDetectionCheckpointer
 from .data.mapper import ImageNamingMapper
 from .data.shapes import DATASET_PREFIX as SHAPES_PREFIX
 from .data.shapes import ensure_shapes_generated
-from .engine.experiment import RESULTS_FILE, TRAIN_TIME_FILE, stage_results
+from .engine.experiment import save_stage_results, save_train_time, stage_results
 from .engine.resume import ResumePastMaxIterError
 from .engine.trainer import DistillAMPTrainer, create_ddp_model
-from .utils.atomic import atomic_write, remove_stale_temporaries
+from .utils.atomic import remove_stale_temporaries
 from .utils.logging import setup_d2kd_logger
 
 logger = logging.getLogger("d2kd")
@@ -217,13 +216,9 @@ def train_and_evaluate_lazy(config_file: str, output_dir: str, overrides: Sequen
         LazyConfig.save(cfg, os.path.join(output_dir, "config.yaml"))
     start = time.perf_counter()
     results = do_train(SimpleNamespace(resume=True), cfg)
-    if comm.is_main_process():
-        atomic_write(os.path.join(output_dir, TRAIN_TIME_FILE), json.dumps({
-            "seconds": round(time.perf_counter() - start, 1), "iterations": cfg.train.max_iter,
-            "note": "wall time of the run that finished the stage (a resumed stage: its last run only)"}))
+    save_train_time(output_dir, time.perf_counter() - start, cfg.train.max_iter)
     bbox = dict(results.get("bbox", {}))
-    if comm.is_main_process():
-        atomic_write(os.path.join(output_dir, RESULTS_FILE), json.dumps(bbox, indent=1))
+    save_stage_results(output_dir, bbox)
     return bbox
 
 

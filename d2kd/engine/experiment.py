@@ -43,6 +43,20 @@ def stage_results(output_dir: str):
         return json.load(f)
 
 
+def save_train_time(output_dir: str, seconds: float, iterations: int) -> None:
+    """A finished stage's ``train_time.json`` (the zoo's table reads it), on the main process."""
+    if comm.is_main_process():
+        atomic_write(os.path.join(output_dir, TRAIN_TIME_FILE), json.dumps({
+            "seconds": round(seconds, 1), "iterations": iterations,
+            "note": "wall time of the run that finished the stage (a resumed stage: its last run only)"}))
+
+
+def save_stage_results(output_dir: str, bbox: Dict) -> None:
+    """A finished stage's ``final_results.json`` (what :func:`stage_results` reads back)."""
+    if comm.is_main_process():
+        atomic_write(os.path.join(output_dir, RESULTS_FILE), json.dumps(bbox, indent=1))
+
+
 def train_and_evaluate(config_file: str, output_dir: str, opts: Sequence[str] = ()) -> Dict:
     """Train ``config_file`` into ``output_dir`` and evaluate it; return the bbox metrics.
 
@@ -71,16 +85,12 @@ def train_and_evaluate(config_file: str, output_dir: str, opts: Sequence[str] = 
     trainer.resume_or_load(resume=True)
     start, first_iter = time.perf_counter(), trainer.start_iter
     trainer.train()
-    if comm.is_main_process():  # for the zoo's table (tools/export_student.py --zoo reads it)
-        atomic_write(os.path.join(output_dir, TRAIN_TIME_FILE), json.dumps({
-            "seconds": round(time.perf_counter() - start, 1), "iterations": cfg.SOLVER.MAX_ITER - first_iter,
-            "note": "wall time of the run that finished the stage (a resumed stage: its last run only)"}))
+    save_train_time(output_dir, time.perf_counter() - start, cfg.SOLVER.MAX_ITER - first_iter)
     results = getattr(trainer, "_last_eval_results", None)
     if not results:
         results = DistillTrainer.test(cfg, trainer.model)
     bbox = dict(next(iter(results.values()))["bbox"]) if "bbox" not in results else dict(results["bbox"])
-    if comm.is_main_process():
-        atomic_write(os.path.join(output_dir, RESULTS_FILE), json.dumps(bbox, indent=1))
+    save_stage_results(output_dir, bbox)
     return bbox
 
 
