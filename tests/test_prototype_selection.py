@@ -257,6 +257,21 @@ def test_float32_density_bound_holds():
     assert (err < 1e-2 * exact).all()  # and it is tight enough to decide most rows
 
 
+@pytest.mark.parametrize("chunk_elements", [37 * 37, 1 << 21])
+def test_float32_density_tiles_cover_the_matrix_once(chunk_elements):
+    # ragged tiles (37 does not divide 300), tiles dense enough to take the dense kernel
+    # (tight clusters) and sparse ones: every pair is counted once, within the bound
+    from d2kd.prototypes.selection import _unit_rows, density_with_bound
+
+    fs, _ = _clustered(23, 300, 24, 8, clusters=3, noise=0.05)
+    fs = torch.cat([fs, torch.randn(40, 24, generator=torch.Generator().manual_seed(5))])
+    a = _unit_rows(fs.double(), 1e-12)
+    exact = density(a)
+    approx, err = density_with_bound(a, 0.1, torch.float32, chunk_elements=chunk_elements)
+    assert ((approx - exact).abs() <= err).all()
+    assert (err < 1e-2 * exact).all()
+
+
 def test_density_ties_survive_float32_products():
     # exact duplicates tie in density; the float32 path must decide them as float64 does
     g = torch.Generator().manual_seed(4)

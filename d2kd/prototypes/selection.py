@@ -2,12 +2,12 @@
 
 Two steps, both on the inputs' device. A call syncs with the host a few times (the
 finiteness check, the number of candidates, which sets the loop length, and the rows the
-float32 density leaves undecided; on the CPU also once per density block), never inside the
+float32 density leaves undecided; on the CPU also once per density tile), never inside the
 pursuit:
 
 1. Density filter: per space, ``rho_n = sum_m exp(-((1 - a_n . a_m) / sigma)^2)``, computed
    over row chunks so memory is O(chunk * N) rather than O(N^2); with float32 products
-   (the default) only the blocks on and above the diagonal of the symmetric Gram matrix,
+   (the default) only the square tiles on and above the diagonal of the symmetric Gram matrix,
    leaving out the kernel terms below 1e-15 (see :func:`density_with_bound`).
 2. Matching pursuit with the consistency term. For a unit atom ``u`` the best coefficients
    of docs/METHODS.md 1.2 turn the candidate error into
@@ -55,8 +55,10 @@ DEFAULT_CACHE_BYTES = 4 << 30
 METHODS = ("auto", "gram", "cached", "streamed")
 # The float32 density leaves out kernel terms with 1 - s >= this many sigmas (each < 1e-15).
 _CUT_SIGMAS = 6.0
-# Above this fraction of kept terms a density block evaluates its kernel densely.
+# Above this fraction of kept terms a density tile evaluates its kernel densely.
 _SPARSE_FRACTION = 0.25
+# Largest side of the density filter's square Gram tiles (see _tile_side).
+_GRAM_TILE = 1024
 
 
 def _unit_rows(x: Tensor, eps: float) -> Tensor:
@@ -68,6 +70,14 @@ def _unit_rows(x: Tensor, eps: float) -> Tensor:
 
 def _rows_per_chunk(n_cols: int, chunk_elements: int) -> int:
     return max(1, chunk_elements // max(n_cols, 1))
+
+
+def _tile_side(chunk_elements: int) -> int:
+    # Square tiles of the Gram matrix, at most _GRAM_TILE on a side: on the 2-core CPU a
+    # (1024, D) x (D, 1024) product runs near the machine's matmul peak while its 4 MiB
+    # result stays in cache for the threshold and the kernel; full-width row chunks of a
+    # few rows ran at 60% of that peak and their results went through memory.
+    return max(1, min(_GRAM_TILE, math.isqrt(max(chunk_elements, 1))))
 
 
 def density(x: Tensor, sigma: float = 0.1, chunk_elements: int = _CHUNK_ELEMENTS) -> Tensor:
@@ -110,13 +120,13 @@ def density_with_bound(x: Tensor, sigma: float, gram_dtype: torch.dtype,
     ``k(s) = exp(-((1 - s) / sigma)^2)`` has ``|k''| <= 2 / sigma^2``, so a term moves by at
     most ``e (|k'(s)| + e / sigma^2)`` with s the computed product; summed over the row.
 
-    Two savings, both inside that bound. The Gram matrix is symmetric, so only the blocks on
-    and above the diagonal are computed (a block's column sums are the rows' below it).
-    Terms whose computed ``1 - s`` is at least ``_CUT_SIGMAS * sigma`` are left out: each is
-    below ``exp(-((cut - e) / sigma)^2)`` (about 1e-16), at most N of them per row, which
-    the bound adds. On the CPU a block where few terms remain evaluates the kernel on those
-    alone, a block where most remain on all of them (as every block does on a GPU, where the
-    kernel is cheap and the count would sync with the host).
+    Two savings, both inside that bound. The Gram matrix is symmetric, so only its square
+    tiles on and above the diagonal are computed (an off-diagonal tile's column sums are the
+    rows' below it). Terms whose computed ``1 - s`` is at least ``_CUT_SIGMAS * sigma`` are
+    left out: each is below ``exp(-((cut - e) / sigma)^2)`` (about 1e-16), at most N of them
+    per row, which the bound adds. On the CPU a tile where few terms remain evaluates the
+    kernel on those alone, a tile where most remain on all of them (as every tile does on a
+    GPU, where the kernel is cheap and the count would sync with the host).
     """
     n, d = x.shape
     out, slope = x.new_zeros(n), x.new_zeros(n)
@@ -125,31 +135,45 @@ def density_with_bound(x: Tensor, sigma: float, gram_dtype: torch.dtype,
     e = (d + 2) * u / (1 - (d + 2) * u)
     cut = _CUT_SIGMAS * sigma
     dropped = math.exp(-((cut - e) / sigma) ** 2) if cut > e else 1.0
-    # On a GPU the kernel is cheap next to a host sync per block: every block is dense there.
+    # On a GPU the kernel is cheap next to a host sync per tile: every tile is dense there.
     dense = x.device.type != "cpu"
-    step = _rows_per_chunk(n, chunk_elements)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        sim = xl[start:stop] @ xl[start:].T  # this block's rows against itself and all later rows
-        keep = None if dense else sim > 1.0 - cut
-        if keep is None or int(keep.sum()) > _SPARSE_FRACTION * keep.numel():
-            t = sim.to(x.dtype).neg_().add_(1.0)  # 1 - s; every term kept (within the bound too)
+    side = _tile_side(chunk_elements)
+    # one output buffer for every tile: a fresh (side, side) product per tile would fault in
+    # new pages each time
+    buf = xl.new_empty(min(n, side) * min(n, side))
+
+    def add(k: Tensor, g: Tensor, index: Tensor) -> None:
+        out.index_add_(0, index, k)
+        slope.index_add_(0, index, g)
+
+    for r0 in range(0, n, side):
+        r1 = min(n, r0 + side)
+        for c0 in range(r0, n, side):  # the tiles on and above the diagonal
+            c1 = min(n, c0 + side)
+            sim = buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            torch.mm(xl[r0:r1], xl[c0:c1].T, out=sim)
+            # an off-diagonal tile stands for its mirror below the diagonal too: its column
+            # sums are those rows' sums over this tile's rows
+            mirrored = c0 != r0
+            flat = None if dense else sim.view(-1).gt(1.0 - cut).nonzero().squeeze(1)
+            if flat is None or flat.numel() > _SPARSE_FRACTION * sim.numel():
+                t = sim.to(x.dtype).neg_().add_(1.0)  # 1 - s; every term kept (within the bound too)
+                k = torch.div(t, sigma).square_().neg_().exp_()
+                g = t.abs_().mul_(k)
+                out[r0:r1] += k.sum(dim=1)
+                slope[r0:r1] += g.sum(dim=1)
+                if mirrored:
+                    out[c0:c1] += k.sum(dim=0)
+                    slope[c0:c1] += g.sum(dim=0)
+                continue
+            # few terms above the cut (the usual case on the CPU): the kernel on those alone
+            t = sim.view(-1)[flat].to(x.dtype).neg_().add_(1.0)
             k = torch.div(t, sigma).square_().neg_().exp_()
             g = t.abs_().mul_(k)
-            out[start:stop] += k.sum(dim=1)
-            slope[start:stop] += g.sum(dim=1)
-            out[stop:] += k[:, stop - start:].sum(dim=0)
-            slope[stop:] += g[:, stop - start:].sum(dim=0)
-            continue
-        rows, cols = keep.nonzero().unbind(1)
-        t = sim[rows, cols].to(x.dtype).neg_().add_(1.0)
-        k = torch.div(t, sigma).square_().neg_().exp_()
-        g = t.abs_().mul_(k)
-        out.index_add_(0, rows + start, k)
-        slope.index_add_(0, rows + start, g)
-        below = cols >= stop - start  # entries below the diagonal block count for their column too
-        out.index_add_(0, cols[below] + start, k[below])
-        slope.index_add_(0, cols[below] + start, g[below])
+            width = c1 - c0
+            add(k, g, flat // width + r0)
+            if mirrored:
+                add(k, g, flat % width + c0)
     # |k'(s)| = 2 (1 - s) / sigma^2 k(s)
     err = e * (slope.mul_(2.0 / sigma ** 2) + n * e / sigma ** 2) + n * dropped
     return out, err
