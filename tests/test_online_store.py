@@ -249,3 +249,33 @@ def test_another_teacher_empties_the_store_a_misfit_bank_does_not():
     assert len(bank.store) == 2
     bank.clear("the checkpoint's prototypes were built with another teacher")
     assert len(bank.store) == 0
+
+
+def test_step_instances_pool_each_box_in_its_own_image_at_every_stride():
+    # images with 3, 0 and 1 boxes (one of the first image's too small to keep): each box is
+    # pooled in its own image's map, as the summed-area form pools it, at every stride
+    from detectron2.structures import Boxes, Instances
+
+    from d2kd.prototypes.instance_features import instance_features
+    from d2kd.prototypes.online_store import step_instances
+
+    g = torch.Generator().manual_seed(11)
+    strides = [8, 16]
+    student = {s: torch.randn(3, 5, 64 // s, 96 // s, generator=g) for s in strides}
+    teacher = {s: torch.randn(3, 7, 64 // s, 96 // s, generator=g) for s in strides}
+    all_boxes = [torch.tensor([[0.0, 0, 40, 30], [10, 5, 11, 60], [50, 20, 90, 63]]), torch.zeros(0, 4),
+                 torch.tensor([[30.0, 8, 70, 50]])]
+    batch, gts = [], []
+    for i, b in enumerate(all_boxes):
+        inst = Instances((64, 96))
+        inst.gt_boxes, inst.gt_classes = Boxes(b), torch.arange(len(b)) % 2
+        gts.append(inst)
+        batch.append({"image": torch.zeros(3, 64, 96), "width": 96, "image_id": i})
+    classes, f_s, f_t, sources = step_instances(batch, gts, student, teacher, strides, min_size=2.0)
+    kept = torch.cat([all_boxes[0][[0, 2]], all_boxes[2]])  # the 1-pixel-wide box is left out
+    index = torch.tensor([0, 0, 2])
+    assert classes.tolist() == [0, 0, 0]
+    assert sources[:, 0].tolist() == [0, 0, 2] and torch.equal(sources[:, 1:], kept)
+    for s in strides:
+        torch.testing.assert_close(f_s[s], instance_features(student[s], kept, index, s), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(f_t[s], instance_features(teacher[s], kept, index, s), rtol=1e-5, atol=1e-5)

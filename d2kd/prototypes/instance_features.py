@@ -9,7 +9,7 @@ the features.
 import torch
 from torch import Tensor
 
-__all__ = ["instance_features", "instance_features_by_masks"]
+__all__ = ["instance_features", "instance_features_by_masks", "box_cell_weights", "box_cell_weights_per_stride"]
 
 
 def _cell_range(lo: Tensor, hi: Tensor, stride: int, size: int):
@@ -76,30 +76,74 @@ def instance_features(features: Tensor, boxes: Tensor, batch_index: Tensor, stri
     return (total / count[:, None]).to(features.dtype)
 
 
-def instance_features_by_masks(features: Tensor, boxes: Tensor, batch_index: Tensor, stride: int) -> Tensor:
-    """:func:`instance_features` (the same cells, clamped the same way) as two masked
-    reductions per image: ``F (C*H, W) @ Mx (W, m)``, then the sum over the rows ``My`` marks.
+def box_cell_weights_per_stride(boxes: Tensor, batch_index: Tensor, shapes, dtype: torch.dtype, device,
+                                slot: Tensor = None, slots: int = None):
+    """The averaging weights of :func:`instance_features_by_masks` at several strides at once:
+    ``{stride: (N, H*W, S)}`` for ``shapes`` ``{stride: (N, H, W)}``, column ``slot[m]`` of image
+    ``batch_index[m]`` holding ``1 / cells`` on the cells box m covers (the same cells, clamped
+    the same way, as :func:`instance_features`), 0 elsewhere.
 
-    One matrix product per call (every image's map against every box's column mask, O(N C H W
-    M)), where the summed-area table makes two cumulative sums and a padded copy of the maps:
-    for the few boxes of a training step the cheaper way, in a handful of ops. Sums in
-    ``features.dtype`` (float32 for a float16 store).
+    ``slot`` (M,) and ``slots`` S: the boxes' columns; by default every box its own column
+    (S = M). A caller that knows each box's position among its image's boxes passes that and
+    the most boxes an image has, so the product computes N * S columns instead of N * M.
+    Each stride's weights serve every map of its shape (the student's and the teacher's).
+    The cell ranges of every stride come from one set of ops: a training step calls this once."""
+    strides = list(shapes)
+    m = boxes.shape[0]
+    boxes = boxes.to(device=device, dtype=torch.float64)  # cell indices stay exact
+    batch_index = batch_index.to(device=device, dtype=torch.long)
+    if slot is None:
+        slot, slots = torch.arange(m, device=device), m
+    slot = slot.to(device)
+    # (k, M, 4) cells x0 y0 x1 y1 of every stride, clamped to each map as _cell_range does
+    per = torch.tensor(strides, dtype=torch.float64, device=device)[:, None, None]
+    top = torch.tensor([[shapes[s][2] - 1, shapes[s][1] - 1] * 2 for s in strides], device=device)[:, None, :]
+    cells = torch.floor(boxes[None] / per).long().clamp_(min=0)
+    cells = torch.minimum(cells, top)
+    first, last = cells[..., :2], torch.maximum(cells[..., 2:], cells[..., :2])
+    inv_count = 1.0 / (last - first + 1).prod(dim=2).to(dtype)  # (k, M)
+    out = {}
+    for i, s in enumerate(strides):
+        n, h, w = shapes[s]
+        cols, rows = torch.arange(w, device=device), torch.arange(h, device=device)
+        mx = ((cols >= first[i, :, 0, None]) & (cols <= last[i, :, 0, None])).to(dtype)  # (M, W)
+        my = ((rows >= first[i, :, 1, None]) & (rows <= last[i, :, 1, None])).to(dtype)  # (M, H)
+        box_cells = (my[:, :, None] * (mx * inv_count[i, :, None])[:, None, :]).reshape(m, h * w)
+        weights = torch.zeros(n, slots, h * w, dtype=dtype, device=device)
+        weights[batch_index, slot] = box_cells
+        out[s] = weights.transpose(1, 2)
+    return out
 
-    Args and returns: as :func:`instance_features`.
+
+def box_cell_weights(boxes: Tensor, batch_index: Tensor, stride: int, shape, dtype: torch.dtype,
+                     device, slot: Tensor = None, slots: int = None) -> Tensor:
+    """:func:`box_cell_weights_per_stride` at one stride: (N, H*W, S) for a map of ``shape``
+    (N, H, W)."""
+    return box_cell_weights_per_stride(boxes, batch_index, {stride: tuple(shape)}, dtype, device,
+                                       slot, slots)[stride]
+
+
+def instance_features_by_masks(features: Tensor, boxes: Tensor, batch_index: Tensor, stride: int,
+                               weights: Tensor = None, slot: Tensor = None) -> Tensor:
+    """:func:`instance_features` (the same cells, clamped the same way) as one batched matrix
+    product: each image's map ``(C, H*W)`` against its boxes' averaging weights ``(H*W, S)``
+    (:func:`box_cell_weights`), then each box's column of its own image.
+
+    O(N C H W S) multiply-adds in a few ops, where the summed-area table makes two cumulative
+    sums and a padded copy of the maps: for the few boxes of a training step the cheaper way.
+    Sums in ``features.dtype`` (float32 for a float16 store).
+
+    Args and returns: as :func:`instance_features`; ``weights`` (from :func:`box_cell_weights`
+    for these boxes and this map shape, with the same ``slot``) skips building them again.
     """
     n, c, h, w = features.shape
     m = boxes.shape[0]
     if m == 0:
         return features.new_zeros((0, c))
-    boxes = boxes.to(device=features.device, dtype=torch.float64)
-    batch_index = batch_index.to(device=features.device, dtype=torch.long)
-    x0, x1 = _cell_range(boxes[:, 0], boxes[:, 2], stride, w)
-    y0, y1 = _cell_range(boxes[:, 1], boxes[:, 3], stride, h)
-    cols = torch.arange(w, device=features.device)[:, None]
-    rows = torch.arange(h, device=features.device)[:, None]
-    mx = ((cols >= x0) & (cols <= x1)).to(features.dtype)  # (W, M)
-    my = ((rows >= y0) & (rows <= y1)).to(features.dtype)  # (H, M)
-    count = ((y1 - y0 + 1) * (x1 - x0 + 1)).to(features.dtype)
-    part = (features.reshape(n * c * h, w) @ mx).view(n, c, h, m)  # (N, C, H, M)
-    part = part[batch_index, :, :, torch.arange(m, device=features.device)]  # (M, C, H): own image
-    return torch.einsum("mch,hm->mc", part, my) / count[:, None]
+    if slot is None:
+        slot = torch.arange(m, device=features.device)
+    if weights is None:
+        weights = box_cell_weights(boxes, batch_index, stride, (n, h, w), features.dtype, features.device,
+                                   slot, m)
+    pooled = torch.bmm(features.reshape(n, c, h * w), weights)  # (N, C, S)
+    return pooled[batch_index.to(features.device), :, slot.to(features.device)]  # (M, C)

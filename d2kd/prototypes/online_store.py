@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .instance_features import instance_features_by_masks
+from .instance_features import box_cell_weights_per_stride, instance_features_by_masks
 
 logger = logging.getLogger(__name__)
 
@@ -212,23 +212,31 @@ def step_instances(batched_inputs: List[dict], gt_instances, student: Dict[int, 
         (Tensor, dict, dict, Tensor): (m,) classes, stride -> (m, D_s) and (m, D_t) features
         (detached), and (m, 5) sources (image id or -1, box in original-image pixels).
     """
-    boxes, classes, index, sources = [], [], [], []
-    for i, (x, inst) in enumerate(zip(batched_inputs, gt_instances)):
-        scale = x.get("width", x["image"].shape[-1]) / x["image"].shape[-1]
-        original = inst.gt_boxes.tensor * scale
-        keep = ((original[:, 2:] - original[:, :2]) > min_size).all(dim=1)
-        image_id = x.get("image_id", -1)
-        image_id = float(image_id) if isinstance(image_id, int) and 0 <= image_id < 2 ** 24 else -1.0
-        boxes.append(inst.gt_boxes.tensor[keep])
-        classes.append(inst.gt_classes[keep])
-        index.append(torch.full((len(boxes[-1]),), i, dtype=torch.long, device=boxes[-1].device))
-        src = torch.full((len(boxes[-1]), 5), image_id, device=boxes[-1].device)
-        src[:, 1:] = original[keep]
-        sources.append(src)
-    boxes, classes, index, sources = torch.cat(boxes), torch.cat(classes), torch.cat(index), torch.cat(sources)
-    # float32 sums (the store keeps float16), by masks: a few boxes per image
-    f_s = {s: instance_features_by_masks(student[s].detach().float(), boxes, index, s) for s in strides}
-    f_t = {s: instance_features_by_masks(teacher[s].detach().float(), boxes, index, s) for s in strides}
+    # every image's boxes at once (a step's op count, not its flops, is its cost on the CPU)
+    counts = [len(inst) for inst in gt_instances]
+    boxes = torch.cat([inst.gt_boxes.tensor for inst in gt_instances])
+    classes = torch.cat([inst.gt_classes for inst in gt_instances])
+    device = boxes.device
+    per_image = torch.tensor(counts, device=device)
+    index = torch.repeat_interleave(torch.arange(len(counts), device=device), per_image)
+    slot = torch.arange(len(boxes), device=device) - torch.repeat_interleave(per_image.cumsum(0) - per_image, per_image)
+    scale = torch.tensor([x.get("width", x["image"].shape[-1]) / x["image"].shape[-1] for x in batched_inputs],
+                         device=device, dtype=boxes.dtype)
+    ids = [x.get("image_id", -1) for x in batched_inputs]
+    ids = torch.tensor([float(i) if isinstance(i, int) and 0 <= i < 2 ** 24 else -1.0 for i in ids], device=device)
+    original = boxes * scale[index, None]
+    keep = ((original[:, 2:] - original[:, :2]) > min_size).all(dim=1).nonzero().squeeze(1)
+    boxes, classes, index, slot, original = boxes[keep], classes[keep], index[keep], slot[keep], original[keep]
+    sources = torch.cat([ids[index, None], original], dim=1)
+    slots = max(counts, default=0)  # a bound on the boxes per image known on the host
+    # float32 sums (the store keeps float16), by masks: a few boxes per image; one set of
+    # averaging weights per stride serves both models' maps (the same input, the same shape)
+    maps_s = {s: student[s].detach().float() for s in strides}
+    maps_t = {s: teacher[s].detach().float() for s in strides}
+    shapes = {s: (maps_s[s].shape[0], *maps_s[s].shape[2:]) for s in strides}
+    weights = box_cell_weights_per_stride(boxes, index, shapes, torch.float32, device, slot, slots)
+    f_s = {s: instance_features_by_masks(maps_s[s], boxes, index, s, weights[s], slot) for s in strides}
+    f_t = {s: instance_features_by_masks(maps_t[s], boxes, index, s, weights[s], slot) for s in strides}
     return classes, f_s, f_t, sources
 
 
