@@ -4,6 +4,12 @@ plus the part of the teacher that head needs, on the built-in shapes configs.
 
     python benchmarks/bench_step_time.py [--iters 40] [--device cpu] [--heads gk fitnet kd]
         [--profile 5]   # also: torch.profiler table of 5 GK steps (top ops by self CPU time)
+    python benchmarks/bench_step_time.py --heads gk --two-teachers   # what a second teacher costs
+
+``--two-teachers`` adds the configuration of
+``configs/shapes/gk_faster_rcnn_R_18_half_FPN_1k_withpkdretina_shapes.yaml``: GK from the
+Faster R-CNN teacher and PKD from a RetinaNet teacher (``DISTILL.TEACHERS.RETINA``), and
+that PKD alone, each against its floor (every teacher's parts its heads run).
 
 Every variant runs the same batches (forward + backward + SGD step), round-robin (batch 1
 for every variant, then batch 2, ...), so a busy moment of the machine hits them all alike.
@@ -34,6 +40,8 @@ sys.path.insert(0, REPO)  # run from a checkout without installing
 import d2kd  # noqa: E402,F401
 from d2kd.config import load_config  # noqa: E402
 from d2kd.engine.prototype_refresh import collect_instance_features, rebuild_bank  # noqa: E402
+from d2kd.modeling.requirements import teacher_parts  # noqa: E402
+from d2kd.modeling.teachers import DEFAULT_TEACHER  # noqa: E402
 from d2kd.utils.threads import add_threads_argument, set_cpu_threads  # noqa: E402
 from detectron2.data import build_detection_train_loader  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -66,6 +74,8 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--heads", nargs="+", default=["gk", "fitnet", "kd"])
     parser.add_argument("--profile", type=int, default=0, help="profile this many GK steps")
+    parser.add_argument("--two-teachers", action="store_true",
+                        help="also PKD from a RetinaNet teacher alone, and with GK from the Faster R-CNN one")
     add_threads_argument(parser)
     args = parser.parse_args()
     set_cpu_threads(args.threads)
@@ -74,10 +84,16 @@ def main():
     teacher_cfg = load_config(os.path.join(CONFIGS, "faster_rcnn_R_18_FPN_1k_shapes.yaml"), ["MODEL.DEVICE", args.device])
     torch.save({"model": build_model(teacher_cfg).state_dict()}, os.path.join(tmp, "teacher.pth"))
 
-    def distill_cfg(heads):
-        return load_config(os.path.join(CONFIGS, "gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"), [
-            "MODEL.DEVICE", args.device, "DISTILL.TEACHER.WEIGHTS", os.path.join(tmp, "teacher.pth"),
-            "DISTILL.HEADS", str(list(heads)), "DISTILL.SCHEDULE.START_ITER", "0"])
+    retina_cfg = load_config(os.path.join(CONFIGS, "retinanet_R_18_FPN_2k_shapes.yaml"), ["MODEL.DEVICE", args.device])
+    if args.two_teachers:
+        torch.save({"model": build_model(retina_cfg).state_dict()}, os.path.join(tmp, "retina.pth"))
+
+    def distill_cfg(heads, config="gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"):
+        opts = ["MODEL.DEVICE", args.device, "DISTILL.TEACHER.WEIGHTS", os.path.join(tmp, "teacher.pth"),
+                "DISTILL.HEADS", str(list(heads)), "DISTILL.SCHEDULE.START_ITER", "0"]
+        if "withpkdretina" in config:
+            opts += ["DISTILL.TEACHERS.RETINA.WEIGHTS", os.path.join(tmp, "retina.pth")]
+        return load_config(os.path.join(CONFIGS, config), opts)
 
     cfg = distill_cfg(["gk"])
     loader = iter(build_detection_train_loader(cfg))
@@ -99,14 +115,23 @@ def main():
     student_step = trainer_step(student)
     variants = {"student alone": student_step}
     parts_of, floor_of = {}, {}
-    for head in args.heads:
-        model = build_model(distill_cfg([head]))
+    runs = [(head, [head], "gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml") for head in args.heads]
+    if args.two_teachers:
+        two = "gk_faster_rcnn_R_18_half_FPN_1k_withpkdretina_shapes.yaml"
+        runs += [("pkd from the RetinaNet teacher", ["pkd"], two),
+                 ("gk + pkd, two teachers (Faster R-CNN, RetinaNet)", ["gk", "pkd"], two)]
+    for head, heads, config in runs:
+        model = build_model(distill_cfg(heads, config))
         model.train()
         if model.prototype_bank is not None:
             rebuild_bank(model.prototype_bank, collect_instance_features(model, batches[:4], min_size=4), alpha=10.0)
-        parts = tuple(model.teacher_parts())
+        # what each teacher that a head reads runs per step
+        parts = {name: tuple(teacher_parts(slot.requirements)) for name, slot in model._teachers.items()
+                 if slot.heads}
         parts_of[head] = parts
-        floor = "student + teacher " + (" + ".join(parts) or "nothing")
+        floor = "student + " + " + ".join(
+            f"{'teacher' if name == DEFAULT_TEACHER else name.lower()} {' + '.join(p) or 'nothing'}"
+            for name, p in parts.items())
         floor_of[head] = floor
         if floor not in variants:
             variants[floor] = floor_step(model, student_step, parts, cfg)
@@ -134,7 +159,7 @@ def main():
     for name in variants:
         q = statistics.quantiles(times[name], n=4)
         head = name[len("distill: "):] if name.startswith("distill: ") else None
-        parts = " + ".join(parts_of[head]) if head else "-"
+        parts = "; ".join(f"{n.lower()}: {' + '.join(p)}" for n, p in parts_of[head].items()) if head else "-"
         vs_floor = f"{med(name) / med(floor_of[head]):.2f}" if head else "-"
         mem = f"{memory[name] / 2 ** 20:.0f} MiB" if memory[name] is not None else "not measured"
         mem_ratio = (f"{memory[name] / memory['student alone']:.2f}"
@@ -180,16 +205,16 @@ def profile_steps(step, batches):
 
 
 def floor_step(model, student_step, parts, cfg):
-    """A plain student step plus, without gradients, the teacher parts ``parts``."""
-    teacher = model.teacher
+    """A plain student step plus, without gradients, each teacher's ``parts[name]``."""
     rois_per_image = cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE
 
     @torch.no_grad()
-    def teacher_parts(batch):
-        if not parts:
+    def run_teacher(batch, name, teacher_parts):
+        if not teacher_parts:
             return
-        features = model.teacher_backbone(batch)
-        if "box head" in parts:
+        teacher = model._teachers[name].module
+        features = model.teacher_backbone(batch, name)
+        if "box head" in teacher_parts:
             roi_heads = teacher.roi_heads
             boxes = []
             for x in batch:
@@ -198,11 +223,12 @@ def floor_step(model, student_step, parts, cfg):
                 boxes.append(Boxes(torch.cat([xy, xy + 8 + torch.rand(rois_per_image, 2) * 30], 1).to(model.device)))
             x = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features], boxes)
             roi_heads.box_predictor(roi_heads.box_head(x))
-        if "dense head" in parts:
+        if "dense head" in teacher_parts:
             teacher.head([features[f] for f in teacher.head_in_features])
 
     def step(batch):
-        teacher_parts(batch)
+        for name, p in parts.items():
+            run_teacher(batch, name, p)
         student_step(batch)
     return step
 
