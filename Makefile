@@ -25,7 +25,7 @@ demo-one-stage: venv
 	$(PY) tools/demo.py --pair retinanet
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean-demo:
 	rm -rf output/demo output/demo_retinanet
