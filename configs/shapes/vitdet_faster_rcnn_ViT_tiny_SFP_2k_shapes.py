@@ -14,11 +14,12 @@
 # more slowly than the ResNet-18 teacher's 1000. The optimizer (AdamW, lr 3e-4, weight decay
 # 0.05, no layer decay: nothing is pretrained) is a first choice, not a tuned one.
 #
-# Patch 8, not ViTDet's 16: a 128 px image is then 16 x 16 tokens, not 8 x 8 (with patch 16 the
-# objects, 12-64 px, were one to four tokens wide, and the teacher reached 7.9 AP, below the
-# student alone; with patch 8, 27.8 AP, above the CNN teachers). SimpleFeaturePyramid has no 1/4 scale, so its scales 2, 1, 1/2 give p2-p4
-# (strides 4-16) and detectron2's LastLevelP6P7 top block (two stride-2 convolutions from p4) gives
-# p5 and p6 (strides 32, 64): the same five levels as the students.
+# Patch 8, not ViTDet's 16: a 128 px image is then 16 x 16 tokens, not 8 x 8 (with patch 16
+# the objects, 12-64 px, were one to four tokens wide, and the teacher reached 7.9 AP, below
+# the student alone; with patch 8, 27.8 AP, above the CNN teachers). SimpleFeaturePyramid has
+# no 1/4 scale, so its scales 2, 1, 1/2 give p2-p4 (strides 4-16) and detectron2's
+# LastLevelP6P7 top block (two stride-2 convolutions from p4) gives p5 and p6 (strides 32,
+# 64): the same five levels as the students.
 from functools import partial
 
 import detectron2.data.transforms as T
