@@ -14,7 +14,7 @@ that PKD alone, each against its floor (every teacher's parts its heads run).
 Every variant runs the same batches (forward + backward + SGD step), round-robin (batch 1
 for every variant, then batch 2, ...), so a busy moment of the machine hits them all alike.
 A head's floor is a plain student step plus, without gradients, the teacher parts its
-declared requirements run (``model.teacher_parts()``): the backbone, and the box head on as
+declared requirements run (per teacher, ``teacher_parts`` of its slot's requirements): the backbone, and the box head on as
 many RoIs as the student samples, or the dense head. The table gives the median seconds per
 step with the interquartile range, the ratio to the student alone and to the floor. The
 teacher has random weights: speed does not depend on them.
@@ -84,16 +84,10 @@ def main():
     teacher_cfg = load_config(os.path.join(CONFIGS, "faster_rcnn_R_18_FPN_1k_shapes.yaml"), ["MODEL.DEVICE", args.device])
     torch.save({"model": build_model(teacher_cfg).state_dict()}, os.path.join(tmp, "teacher.pth"))
 
-    retina_cfg = load_config(os.path.join(CONFIGS, "retinanet_R_18_FPN_2k_shapes.yaml"), ["MODEL.DEVICE", args.device])
-    if args.two_teachers:
-        torch.save({"model": build_model(retina_cfg).state_dict()}, os.path.join(tmp, "retina.pth"))
-
-    def distill_cfg(heads, config="gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"):
-        opts = ["MODEL.DEVICE", args.device, "DISTILL.TEACHER.WEIGHTS", os.path.join(tmp, "teacher.pth"),
-                "DISTILL.HEADS", str(list(heads)), "DISTILL.SCHEDULE.START_ITER", "0"]
-        if "withpkdretina" in config:
-            opts += ["DISTILL.TEACHERS.RETINA.WEIGHTS", os.path.join(tmp, "retina.pth")]
-        return load_config(os.path.join(CONFIGS, config), opts)
+    def distill_cfg(heads, config="gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml", opts=()):
+        return load_config(os.path.join(CONFIGS, config), [
+            "MODEL.DEVICE", args.device, "DISTILL.TEACHER.WEIGHTS", os.path.join(tmp, "teacher.pth"),
+            "DISTILL.HEADS", str(list(heads)), "DISTILL.SCHEDULE.START_ITER", "0", *opts])
 
     cfg = distill_cfg(["gk"])
     loader = iter(build_detection_train_loader(cfg))
@@ -115,18 +109,22 @@ def main():
     student_step = trainer_step(student)
     variants = {"student alone": student_step}
     parts_of, floor_of = {}, {}
-    runs = [(head, [head], "gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml") for head in args.heads]
+    # (name, heads, config, extra opts)
+    runs = [(head, [head], "gk_faster_rcnn_R_18_half_FPN_1k_shapes.yaml", ()) for head in args.heads]
     if args.two_teachers:
-        two = "gk_faster_rcnn_R_18_half_FPN_1k_withpkdretina_shapes.yaml"
-        runs += [("pkd from the RetinaNet teacher", ["pkd"], two),
-                 ("gk + pkd, two teachers (Faster R-CNN, RetinaNet)", ["gk", "pkd"], two)]
-    for head, heads, config in runs:
-        model = build_model(distill_cfg(heads, config))
+        retina_cfg = load_config(os.path.join(CONFIGS, "retinanet_R_18_FPN_2k_shapes.yaml"), ["MODEL.DEVICE", args.device])
+        torch.save({"model": build_model(retina_cfg).state_dict()}, os.path.join(tmp, "retina.pth"))
+        two = ("gk_faster_rcnn_R_18_half_FPN_1k_withpkdretina_shapes.yaml",
+               ("DISTILL.TEACHERS.RETINA.WEIGHTS", os.path.join(tmp, "retina.pth")))
+        runs += [("pkd from the RetinaNet teacher", ["pkd"], *two),
+                 ("gk + pkd, two teachers (Faster R-CNN, RetinaNet)", ["gk", "pkd"], *two)]
+    for head, heads, config, opts in runs:
+        model = build_model(distill_cfg(heads, config, opts))
         model.train()
         if model.prototype_bank is not None:
             rebuild_bank(model.prototype_bank, collect_instance_features(model, batches[:4], min_size=4), alpha=10.0)
         # what each teacher that a head reads runs per step
-        parts = {name: tuple(teacher_parts(slot.requirements)) for name, slot in model._teachers.items()
+        parts = {name: tuple(teacher_parts(slot.requirements)) for name, slot in model.teacher_slots().items()
                  if slot.heads}
         parts_of[head] = parts
         floor = "student + " + " + ".join(
@@ -212,7 +210,7 @@ def floor_step(model, student_step, parts, cfg):
     def run_teacher(batch, name, teacher_parts):
         if not teacher_parts:
             return
-        teacher = model._teachers[name].module
+        teacher = model.teacher_slots()[name].module
         features = model.teacher_backbone(batch, name)
         if "box head" in teacher_parts:
             roi_heads = teacher.roi_heads

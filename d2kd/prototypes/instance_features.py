@@ -12,10 +12,12 @@ from torch import Tensor
 __all__ = ["instance_features", "instance_features_by_masks", "box_cell_weights", "box_cell_weights_per_stride"]
 
 
-def _cell_range(lo: Tensor, hi: Tensor, stride: int, size: int):
+def _cell_range(lo: Tensor, hi: Tensor, stride, size):
     # Cells [floor(lo/s), floor(hi/s)] inclusive, clamped to the map, at least one cell.
-    first = torch.floor(lo / stride).long().clamp(0, size - 1)
-    last = torch.floor(hi / stride).long().clamp(0, size - 1)
+    # stride and size: numbers, or tensors that broadcast with lo (several maps at once).
+    last_cell = torch.as_tensor(size, device=lo.device) - 1
+    first = torch.minimum(torch.floor(lo / stride).long().clamp_(min=0), last_cell)
+    last = torch.minimum(torch.floor(hi / stride).long().clamp_(min=0), last_cell)
     return first, torch.maximum(last, first)
 
 
@@ -95,19 +97,19 @@ def box_cell_weights_per_stride(boxes: Tensor, batch_index: Tensor, shapes, dtyp
     if slot is None:
         slot, slots = torch.arange(m, device=device), m
     slot = slot.to(device)
-    # (k, M, 4) cells x0 y0 x1 y1 of every stride, clamped to each map as _cell_range does
-    per = torch.tensor(strides, dtype=torch.float64, device=device)[:, None, None]
-    top = torch.tensor([[shapes[s][2] - 1, shapes[s][1] - 1] * 2 for s in strides], device=device)[:, None, :]
-    cells = torch.floor(boxes[None] / per).long().clamp_(min=0)
-    cells = torch.minimum(cells, top)
-    first, last = cells[..., :2], torch.maximum(cells[..., 2:], cells[..., :2])
-    inv_count = 1.0 / (last - first + 1).prod(dim=2).to(dtype)  # (k, M)
+    # (k, M) cell ranges of every stride at once, the same rule as instance_features
+    per = torch.tensor(strides, dtype=torch.float64, device=device)[:, None]
+    widths = torch.tensor([shapes[s][2] for s in strides], device=device)[:, None]
+    heights = torch.tensor([shapes[s][1] for s in strides], device=device)[:, None]
+    x0, x1 = _cell_range(boxes[None, :, 0], boxes[None, :, 2], per, widths)
+    y0, y1 = _cell_range(boxes[None, :, 1], boxes[None, :, 3], per, heights)
+    inv_count = 1.0 / ((y1 - y0 + 1) * (x1 - x0 + 1)).to(dtype)  # (k, M)
     out = {}
     for i, s in enumerate(strides):
         n, h, w = shapes[s]
         cols, rows = torch.arange(w, device=device), torch.arange(h, device=device)
-        mx = ((cols >= first[i, :, 0, None]) & (cols <= last[i, :, 0, None])).to(dtype)  # (M, W)
-        my = ((rows >= first[i, :, 1, None]) & (rows <= last[i, :, 1, None])).to(dtype)  # (M, H)
+        mx = ((cols >= x0[i, :, None]) & (cols <= x1[i, :, None])).to(dtype)  # (M, W)
+        my = ((rows >= y0[i, :, None]) & (rows <= y1[i, :, None])).to(dtype)  # (M, H)
         box_cells = (my[:, :, None] * (mx * inv_count[i, :, None])[:, None, :]).reshape(m, h * w)
         weights = torch.zeros(n, slots, h * w, dtype=dtype, device=device)
         weights[batch_index, slot] = box_cells

@@ -6,9 +6,9 @@ float32 density leaves undecided; on the CPU also once per density tile), never 
 pursuit:
 
 1. Density filter: per space, ``rho_n = sum_m exp(-((1 - a_n . a_m) / sigma)^2)``, computed
-   over row chunks so memory is O(chunk * N) rather than O(N^2); with float32 products
-   (the default) only the square tiles on and above the diagonal of the symmetric Gram matrix,
-   leaving out the kernel terms below 1e-15 (see :func:`density_with_bound`).
+   by pieces so memory stays far below O(N^2): with float32 products (the default) only the
+   square tiles on and above the diagonal of the symmetric Gram matrix, leaving out the kernel
+   terms below 1e-15 (see :func:`density_with_bound`); in float64 over row chunks.
 2. Matching pursuit with the consistency term. For a unit atom ``u`` the best coefficients
    of docs/METHODS.md 1.2 turn the candidate error into
    ``E = sum_n |r^a_n|^2 + |r^b_n|^2 - (w^a_n p_n + w^b_n q_n)``
@@ -110,6 +110,14 @@ def _unit_roundoff(dtype: torch.dtype, device) -> float:
     return torch.finfo(dtype).eps / 2
 
 
+def _kernel_terms(s: Tensor, sigma: float, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    # the kernel k = exp(-((1 - s) / sigma)^2) of computed products s, in dtype, and
+    # |1 - s| k, which the error bound sums (|k'(s)| = 2 |1 - s| k / sigma^2)
+    t = s.to(dtype).neg_().add_(1.0)
+    k = torch.div(t, sigma).square_().neg_().exp_()
+    return k, t.abs_().mul_(k)
+
+
 def density_with_bound(x: Tensor, sigma: float, gram_dtype: torch.dtype,
                        chunk_elements: int = _CHUNK_ELEMENTS) -> Tuple[Tensor, Tensor]:
     """:func:`density` with the Gram products in ``gram_dtype`` (kernel sums in x's dtype),
@@ -157,9 +165,7 @@ def density_with_bound(x: Tensor, sigma: float, gram_dtype: torch.dtype,
             mirrored = c0 != r0
             flat = None if dense else sim.view(-1).gt(1.0 - cut).nonzero().squeeze(1)
             if flat is None or flat.numel() > _SPARSE_FRACTION * sim.numel():
-                t = sim.to(x.dtype).neg_().add_(1.0)  # 1 - s; every term kept (within the bound too)
-                k = torch.div(t, sigma).square_().neg_().exp_()
-                g = t.abs_().mul_(k)
+                k, g = _kernel_terms(sim, sigma, x.dtype)  # every term kept (within the bound too)
                 out[r0:r1] += k.sum(dim=1)
                 slope[r0:r1] += g.sum(dim=1)
                 if mirrored:
@@ -167,9 +173,7 @@ def density_with_bound(x: Tensor, sigma: float, gram_dtype: torch.dtype,
                     slope[c0:c1] += g.sum(dim=0)
                 continue
             # few terms above the cut (the usual case on the CPU): the kernel on those alone
-            t = sim.view(-1)[flat].to(x.dtype).neg_().add_(1.0)
-            k = torch.div(t, sigma).square_().neg_().exp_()
-            g = t.abs_().mul_(k)
+            k, g = _kernel_terms(sim.view(-1)[flat], sigma, x.dtype)
             width = c1 - c0
             add(k, g, flat // width + r0)
             if mirrored:
