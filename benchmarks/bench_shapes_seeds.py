@@ -46,10 +46,11 @@ KD, beside the Faster R-CNN teacher's rows (named methods only)::
         gk_cascade kd_cascade gk kd
 
 A ViTDet-style teacher (a LazyConfig: ViT + SimpleFeaturePyramid, 2000 iterations) distilling the
-same two-stage student with GK, PKD and FitNet, by stride (named methods only)::
+same two-stage student with GK, PKD and FitNet, by stride (GK and FitNet on p2-p4 as their configs
+say; ``*_p2p6`` on every level; named methods only)::
 
     python benchmarks/bench_shapes_seeds.py --seeds 0 1 2 --output-dir output/demo --methods \
-        gk_vit pkd_vit fitnet_vit gk pkd fitnet
+        gk_vit pkd_vit fitnet_vit gk_vit_p2p6 fitnet_vit_p2p6
 
 Two teachers at once (GK from the Faster R-CNN teacher, PKD from the RetinaNet teacher) against
 each alone (named methods only)::
@@ -182,6 +183,13 @@ PAIRS = {
           # the ViTDet-style teacher (the vitdet pair's), paired by stride
           | {f"{m}_vit": Method(_config(f"{m}_faster_rcnn_R_18_half_FPN_1k_vitteacher_shapes.yaml"), "vitdet")
              for m in ("gk", "pkd", "fitnet")}
+          # GK and FitNet with every level, p2-p6 (their configs distil p2-p4 only: p5-p6 come from
+          # LastLevelP6P7's plain convolutions, 2.6x and 11.8x the CNN teacher's mean square)
+          | {"gk_vit_p2p6": Method(_config("gk_faster_rcnn_R_18_half_FPN_1k_vitteacher_shapes.yaml"), "vitdet",
+                                   ("DISTILL.GK.STRIDES", "[4, 8, 16, 32, 64]",
+                                    "DISTILL.PROTOTYPES.STRIDES", "[4, 8, 16, 32, 64]")),
+             "fitnet_vit_p2p6": Method(_config("fitnet_faster_rcnn_R_18_half_FPN_1k_vitteacher_shapes.yaml"), "vitdet",
+                                       ("DISTILL.FITNET.STRIDES", "[4, 8, 16, 32, 64]"))}
           # the released weights literally (the shapes configs rescale the summed terms), and GK + FGD
           | {"mgd_authors": Method(_config("mgd_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"), "faster_rcnn",
                                    ("DISTILL.MGD.TWO_STAGE.WEIGHT", "5e-7")),

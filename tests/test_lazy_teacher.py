@@ -301,7 +301,9 @@ def test_a_model_zoo_lazyconfig_name_resolves_and_builds_a_frozen_two_stage_teac
 
 def test_the_shipped_vit_teacher_and_its_students(tmp_path):
     """configs/shapes/vitdet_*.py: ViT + SimpleFeaturePyramid, p2-p6 at the student's strides, RGB;
-    its GK / PKD / FitNet students build with it (random weights), distil every stride and train a step."""
+    its GK / PKD / FitNet students build with it (random weights), train a step, and distil the
+    strides their configs name: PKD its released four (p2-p5), GK and FitNet p2-p4 (the top levels
+    collapsed them)."""
     cfg = load_config(os.path.join(SHAPES, "pkd_faster_rcnn_R_18_half_FPN_1k_vitteacher_shapes.yaml"))
     assert cfg.DISTILL.TEACHER.CONFIG_FILE == VIT_TEACHER
     teacher, teacher_cfg, kind = build_teacher(cfg)
@@ -317,6 +319,7 @@ def test_the_shipped_vit_teacher_and_its_students(tmp_path):
         model = build_model(cfg)
         assert list(model.distill_heads) == [method] and model._flip_teacher_channels
         assert model.common_strides == [4, 8, 16, 32, 64]
+        assert model.distill_heads[method].strides == ([4, 8, 16, 32] if method == "pkd" else [4, 8, 16])
         model.train()
         with EventStorage(0):  # one step at the shapes data's 128 px (GK's prototypes come at 250)
             losses = model(random_batch(2, size=(128, 128), num_classes=6))
