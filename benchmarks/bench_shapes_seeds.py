@@ -189,7 +189,10 @@ PAIRS = {
                                    ("DISTILL.GK.STRIDES", "[4, 8, 16, 32, 64]",
                                     "DISTILL.PROTOTYPES.STRIDES", "[4, 8, 16, 32, 64]")),
              "fitnet_vit_p2p6": Method(_config("fitnet_faster_rcnn_R_18_half_FPN_1k_vitteacher_shapes.yaml"), "vitdet",
-                                       ("DISTILL.FITNET.STRIDES", "[4, 8, 16, 32, 64]"))}
+                                       ("DISTILL.FITNET.STRIDES", "[4, 8, 16, 32, 64]")),
+             # GK from the ViT teacher without its response term (the teacher's box head's KL)
+             "gk_vit_no_response": Method(_config("gk_faster_rcnn_R_18_half_FPN_1k_vitteacher_shapes.yaml"), "vitdet",
+                                          _gk_options(RESPONSE_WEIGHT=0))}
           # the released weights literally (the shapes configs rescale the summed terms), and GK + FGD
           | {"mgd_authors": Method(_config("mgd_faster_rcnn_R_18_half_FPN_1k_shapes.yaml"), "faster_rcnn",
                                    ("DISTILL.MGD.TWO_STAGE.WEIGHT", "5e-7")),
