@@ -333,9 +333,11 @@ def main():
             values = ap[(p, m)]
             mean, std = mean_std(values)
             g, gsd = mean_std([v - b for v, b in zip(values, student_ap)])
-            teacher_pair = PAIRS[p].methods[m].teacher_pair
-            note = "" if teacher_pair == p else f" (AP {teachers[teacher_pair]['AP']:.2f})"
-            print(f"| {p} | {m} | {teacher_pair}{note} | {mean:.2f} ± {std:.2f} | "
+            method = PAIRS[p].methods[m]
+            note = "" if method.teacher_pair == p else f" (AP {teachers[method.teacher_pair]['AP']:.2f})"
+            # every teacher the config names: the default one, then DISTILL.TEACHERS.<NAME>
+            named = "".join(f", {name}: {tp} (AP {teachers[tp]['AP']:.2f})" for name, tp in method.teachers)
+            print(f"| {p} | {m} | {method.teacher_pair}{note}{named} | {mean:.2f} ± {std:.2f} | "
                   f"{', '.join(f'{v:.2f}' for v in values)} | {g:+.2f} ± {gsd:.2f} |")
 
 
