@@ -12,13 +12,13 @@ the GFL pair with LD)::
     python benchmarks/bench_shapes_seeds.py --pair one_stage --seeds 0 1 2 --output-dir output/one_stage
 
 The methods of other toolboxes and the newest (issue 18: CWD, MGD, FGD, FBKD, CrossKD, BCKD;
-``<m>_authors`` the released weights literally; GK + FGD) on the two-stage, RetinaNet and GFL
+``<m>_authors`` the released weights literally; GK + FGD, GK + CWD) on the two-stage, RetinaNet and GFL
 pairs (named methods only)::
 
     python benchmarks/bench_shapes_seeds.py --seeds 0 1 2 --output-dir output/demo --methods \
-        cwd mgd fgd fbkd gk_fgd
+        cwd mgd fgd fbkd gk gk_cwd gk_fgd
     python benchmarks/bench_shapes_seeds.py --pair retinanet --seeds 0 1 2 --output-dir output/one_stage/retinanet \
-        --methods cwd mgd fgd crosskd
+        --methods crosskd cwd mgd fgd gk
     python benchmarks/bench_shapes_seeds.py --pair gfl --seeds 0 1 2 --output-dir output/one_stage/gfl \
         --methods ld crosskd bckd
 
@@ -205,7 +205,9 @@ PAIRS = {
              "gk_fgd": Method(GK, "faster_rcnn", ("DISTILL.HEADS", '["gk", "fgd"]',
                                                   "DISTILL.FGD.TWO_STAGE.FG_WEIGHT", "2e-4",
                                                   "DISTILL.FGD.TWO_STAGE.BG_WEIGHT", "1e-4",
-                                                  "DISTILL.FGD.TWO_STAGE.GLOBAL_WEIGHT", "1e-4"))},
+                                                  "DISTILL.FGD.TWO_STAGE.GLOBAL_WEIGHT", "1e-4")),
+             # GK + CWD: CWD's defaults are its shapes config's (mmrazor's tau 1, weight 10)
+             "gk_cwd": Method(GK, "faster_rcnn", ("DISTILL.HEADS", '["gk", "cwd"]'))},
         default_methods=("gk", "fitnet", "kd"),
     ),
     # a teacher only: Cascade R-CNN R-18 (three stages), for the two-stage student's
